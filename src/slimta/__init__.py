@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
+from slimta.service import run_forever
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "run_forever"]

@@ -1,0 +1,649 @@
+"""SmtpEdge: an SMTP server on asyncio that hands each message to a queue.
+
+The protocol lives in :mod:`slimta.smtp.server`; this module is the glue: an
+:class:`asyncio.Protocol` per connection feeds bytes to a
+:class:`~slimta.smtp.server.ServerConnection`, runs the user's validators on
+each event, hands finished messages to the queue, and writes the replies,
+once per batch of input (so pipelined commands cost one write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import ssl
+
+from slimta.edge import Edge
+from slimta.envelope import Envelope
+from slimta.smtp import reply as R
+from slimta.smtp.auth import SERVER_MECHANISMS
+from slimta.smtp.reply import Reply
+from slimta.smtp.server import (
+    DEFAULT_MAX_RECIPIENTS,
+    DEFAULT_MAX_SIZE,
+    Auth,
+    DataStart,
+    Ehlo,
+    HaveData,
+    Helo,
+    Mail,
+    Rcpt,
+    Rset,
+    ServerConnection,
+    StartTls,
+)
+from slimta.util.listeners import bind_listener
+
+__all__ = ["SmtpEdge", "SmtpSession", "SmtpValidators"]
+
+log = logging.getLogger(__name__)
+
+HOOKS = (
+    "handle_banner", "handle_ehlo", "handle_helo", "handle_auth", "handle_mail", "handle_rcpt",
+    "handle_data", "handle_have_data", "handle_queued", "handle_rset", "handle_tls",
+    "handle_close",
+)
+_PAUSE_ABOVE = 1024 * 1024  # octets buffered while a handler runs before reading pauses
+
+
+class SmtpValidators:
+    """Hooks that decide an SMTP session, one instance per connection.
+
+    Subclass and override what you need; each hook may be a plain method or
+    a coroutine. Hooks get the default ``reply`` and change it in place to
+    answer otherwise (``reply.code = '550'; reply.message = '5.7.1 No'``). A
+    221 or 421 reply closes the connection. ``self.session`` is the
+    :class:`SmtpSession` (``address``, ``extended_smtp``, ``security``,
+    ``ehlo_as``, ``auth``, ``envelope``, ``protocol``).
+
+    Without an overridden :meth:`handle_auth`, every AUTH attempt fails with
+    535 5.7.8; with one, the reply starts as 235 and the hook rejects by
+    changing it.
+    """
+
+    def __init__(self, session: SmtpSession):
+        self.session = session
+
+    def handle_banner(self, reply: Reply, address: tuple) -> None:
+        """The greeting; ``address`` is the client's (ip, port)."""
+
+    def handle_ehlo(self, reply: Reply, ehlo_as: str) -> None:
+        """EHLO; the extensions are appended to a 250 reply afterwards."""
+
+    def handle_helo(self, reply: Reply, helo_as: str) -> None:
+        """HELO."""
+
+    def handle_auth(self, reply: Reply, creds) -> None:
+        """A finished AUTH exchange: ``creds.authcid``, ``creds.authzid``,
+        ``creds.check_secret(secret)``."""
+
+    def handle_mail(self, reply: Reply, sender: str, params: dict) -> None:
+        """MAIL FROM; ``sender`` is '' for the null sender."""
+
+    def handle_rcpt(self, reply: Reply, recipient: str, params: dict) -> None:
+        """RCPT TO."""
+
+    def handle_data(self, reply: Reply) -> None:
+        """DATA (reply 354), or the first BDAT of a message (reply 250)."""
+
+    def handle_have_data(self, reply: Reply, data: bytes) -> None:
+        """The whole message arrived; an error reply here refuses it before the queue sees it."""
+
+    def handle_queued(self, reply: Reply, results: list) -> None:
+        """The queue answered; ``results`` is ``[(envelope, id_or_error), ...]``."""
+
+    def handle_rset(self, reply: Reply) -> None:
+        """RSET."""
+
+    def handle_tls(self, ssl_object) -> None:
+        """The TLS handshake finished (STARTTLS or SMTPS)."""
+
+    def handle_close(self) -> None:
+        """The connection closed."""
+
+
+def _overridden_hooks(validator_class) -> frozenset[str]:
+    if validator_class is None:
+        return frozenset()
+    found = set()
+    for name in HOOKS:
+        impl = getattr(validator_class, name, None)
+        if impl is not None and impl is not getattr(SmtpValidators, name, None):
+            found.add(name)
+    return frozenset(found)
+
+
+def _queued_reply(reply: Reply, results) -> None:
+    """Set the end-of-data reply from the queue's results."""
+    ids = []
+    for _envelope, result in results:
+        if isinstance(result, Reply):
+            reply.copy(result)
+            return
+        if isinstance(result, BaseException):
+            err = getattr(result, "reply", None)
+            reply.copy(err if isinstance(err, Reply) else R.queue_error)
+            return
+        ids.append(str(result))
+    if not ids:
+        reply.copy(R.queue_error)
+        return
+    reply.code = "250"
+    reply.message = "2.6.0 Message queued as " + ", ".join(ids)
+
+
+class SmtpSession(asyncio.Protocol):
+    """One SMTP connection: the glue between a socket and the sans-IO core."""
+
+    def __init__(self, edge: SmtpEdge):
+        self.edge = edge
+        self.transport = None
+        self.conn: ServerConnection | None = None
+        self.validators = None
+        #: the client's (ip, port)
+        self.address: tuple = ("", 0)
+        #: 'TLS' once encrypted, else None
+        self.security: str | None = None
+        #: the envelope being built (from MAIL on)
+        self.envelope: Envelope | None = None
+        self._hooks = edge._hooks
+        self._busy = False
+        self._paused = False
+        self._closed = False
+        self._draining = False
+        self._admitted = False
+        self._timer = None
+        self._last = 0.0
+        self._data_deadline: float | None = None
+        self._loop = None
+
+    # --- what validators read --------------------------------------
+    @property
+    def extended_smtp(self) -> bool:
+        return self.conn.extended
+
+    @property
+    def ehlo_as(self) -> str | None:
+        return self.conn.ehlo_as
+
+    @property
+    def auth(self) -> str | None:
+        return self.conn.auth
+
+    @property
+    def protocol(self) -> str:
+        """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)."""
+        conn = self.conn
+        if not conn.extended:
+            return "SMTP"
+        return "ESMTP" + ("S" if conn.secure else "") + ("A" if conn.auth else "")
+
+    # --- asyncio.Protocol ------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._loop = loop = asyncio.get_running_loop()
+        edge = self.edge
+        peer = transport.get_extra_info("peername")
+        self.address = tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or ""), 0)
+        secure = transport.get_extra_info("ssl_object") is not None
+        if secure:
+            self.security = "TLS"
+        self.conn = ServerConnection(
+            edge.hostname,
+            max_size=edge.max_size,
+            max_recipients=edge.max_recipients,
+            max_bad_commands=edge.max_bad_commands,
+            max_auth_failures=edge.max_auth_failures,
+            tls=edge.context is not None and not secure,
+            secure=secure,
+            auth_mechanisms=edge.auth_mechanisms,
+            auth_require_tls=edge.auth_require_tls,
+        )
+        if not edge._admit(self):
+            transport.write(bytes(R.too_many_connections))
+            transport.close()
+            self._closed = True
+            return
+        self._admitted = True
+        if self._hooks:
+            self.validators = edge.validator_class(self)
+        self._last = loop.time()
+        self._timer = loop.call_later(edge.command_timeout, self._on_timer)
+        if secure and "handle_tls" in self._hooks:
+            self._call_quietly("handle_tls", transport.get_extra_info("ssl_object"))
+        reply = Reply("220", f"{edge.hostname} ESMTP Mail Gateway")
+        self._run_hook("handle_banner", reply, (reply, self.address), self._banner_done, reply)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        conn = self.conn
+        conn.receive_data(data)
+        self._last = self._loop.time()
+        if self._busy:
+            if conn.buffered > _PAUSE_ABOVE and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+            return
+        self._process()
+
+    def eof_received(self):
+        return None  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._admitted:
+            self._admitted = False
+            self.edge._release(self)
+            if "handle_close" in self._hooks:
+                self._call_quietly("handle_close")
+
+    # --- processing ---------------------------------------------------
+    def _process(self) -> None:
+        """Handle every event the input allows, then write the replies at once."""
+        conn = self.conn
+        try:
+            while not self._busy and not self._closed:
+                ev = conn.next_event()
+                if ev is None:
+                    break
+                pending = self._dispatch[type(ev)](self, ev)
+                if pending is not None:
+                    self._busy = True
+                    self._loop.create_task(self._finish(pending))
+                    break
+        except Exception:
+            log.exception("SMTP session from %s failed", self.address[0])
+            self._abort_with(R.unavailable)
+            return
+        self._flush()
+
+    async def _finish(self, pending) -> None:
+        try:
+            await pending
+        except Exception:
+            log.exception("SMTP session from %s failed", self.address[0])
+            self._abort_with(R.unavailable)
+            return
+        self._busy = False
+        if self._closed:
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self._process()
+
+    def _flush(self) -> None:
+        conn = self.conn
+        out = conn.data_to_send()
+        if self._closed:
+            return
+        if out:
+            self.transport.write(out)
+        if conn.closing:
+            self._close()
+            return
+        if conn.receiving_message:
+            if self._data_deadline is None:
+                self._data_deadline = self._loop.time() + self.edge.data_timeout
+        elif self._data_deadline is not None:
+            self._data_deadline = None
+        if self._draining and not self._busy and not conn.receiving_message:
+            self.transport.write(bytes(R.shutting_down))
+            self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.close()
+
+    def _abort_with(self, reply: Reply) -> None:
+        if not self._closed:
+            self.transport.write(bytes(reply))
+            self._close()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        edge = self.edge
+        if self._busy or self.conn.waiting_for_tls:
+            deadline = now + edge.command_timeout
+        else:
+            deadline = self._last + edge.command_timeout
+            if self._data_deadline is not None and self._data_deadline < deadline:
+                deadline = self._data_deadline
+            if now >= deadline:
+                log.info("SMTP session from %s timed out", self.address[0])
+                self.conn.timed_out()
+                self._flush()
+                return
+        self._timer = self._loop.call_later(deadline - now, self._on_timer)
+
+    def shutdown(self) -> None:
+        """The edge is stopping: close now if idle, else after the message in progress."""
+        self._draining = True
+        if not self._closed and not self._busy and not self.conn.receiving_message:
+            self._abort_with(R.shutting_down)
+
+    # --- hooks ----------------------------------------------------------
+    def _run_hook(self, name: str, reply: Reply, args: tuple, done, *done_args):
+        """Call hook ``name`` if the validators have it, then ``done``.
+
+        Returns None when everything ran now, or an awaitable that finishes
+        the job (the hook was a coroutine).
+        """
+        if name in self._hooks:
+            try:
+                result = getattr(self.validators, name)(*args)
+            except Exception:
+                log.exception("validator %s failed", name)
+                reply.copy(R.queue_error)
+            else:
+                if result is not None and inspect.isawaitable(result):
+                    return self._await_hook(name, result, reply, done, done_args)
+        done(*done_args)
+        return None
+
+    async def _await_hook(self, name, awaitable, reply, done, done_args) -> None:
+        try:
+            await awaitable
+        except Exception:
+            log.exception("validator %s failed", name)
+            reply.copy(R.queue_error)
+        done(*done_args)
+
+    def _call_quietly(self, name: str, *args) -> None:
+        """A hook whose reply nobody waits for (close, tls)."""
+        try:
+            result = getattr(self.validators, name)(*args)
+            if result is not None and inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                task.add_done_callback(_log_task_error)
+        except Exception:
+            log.exception("validator %s failed", name)
+
+    def _banner_done(self, reply: Reply) -> None:
+        self.conn.banner(reply)
+        if reply.code == "421" or reply.code == "221":
+            self.conn.closing = True
+        self._flush()
+
+    # --- events -----------------------------------------------------------
+    def _respond(self, ev) -> None:
+        self.conn.respond()
+
+    def _on_ehlo(self, ev: Ehlo):
+        return self._run_hook("handle_ehlo", ev.reply, (ev.reply, ev.name), self._respond, ev)
+
+    def _on_helo(self, ev: Helo):
+        return self._run_hook("handle_helo", ev.reply, (ev.reply, ev.name), self._respond, ev)
+
+    def _on_mail(self, ev: Mail):
+        return self._run_hook("handle_mail", ev.reply, (ev.reply, ev.sender, ev.params),
+                              self._mail_done, ev)
+
+    def _mail_done(self, ev: Mail) -> None:
+        self.conn.respond()
+        if self.conn.transaction is not None:
+            self.envelope = Envelope(ev.sender)
+
+    def _on_rcpt(self, ev: Rcpt):
+        return self._run_hook("handle_rcpt", ev.reply, (ev.reply, ev.recipient, ev.params),
+                              self._rcpt_done, ev)
+
+    def _rcpt_done(self, ev: Rcpt) -> None:
+        self.conn.respond()
+        if ev.reply.code[:1] == "2" and self.envelope is not None:
+            self.envelope.recipients.append(ev.recipient)
+
+    def _on_data(self, ev: DataStart):
+        return self._run_hook("handle_data", ev.reply, (ev.reply,), self._respond, ev)
+
+    def _on_rset(self, ev: Rset):
+        return self._run_hook("handle_rset", ev.reply, (ev.reply,), self._rset_done, ev)
+
+    def _rset_done(self, ev: Rset) -> None:
+        self.conn.respond()
+        if self.conn.transaction is None:
+            self.envelope = None
+
+    def _on_auth(self, ev: Auth):
+        if "handle_auth" not in self._hooks:
+            ev.reply.copy(R.auth_failed)
+            self.conn.respond()
+            return None
+        return self._run_hook("handle_auth", ev.reply, (ev.reply, ev.credentials),
+                              self._respond, ev)
+
+    def _on_starttls(self, ev: StartTls):
+        self.conn.respond()
+        self.envelope = None
+        if not self.conn.waiting_for_tls:
+            return None
+        self._flush()
+        return self._start_tls()
+
+    async def _start_tls(self) -> None:
+        try:
+            transport = await self._loop.start_tls(
+                self.transport, self, self.edge.context, server_side=True,
+                ssl_handshake_timeout=self.edge.command_timeout)
+        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.address[0], exc)
+            self._closed = True
+            self.transport.abort()
+            return
+        if transport is None:  # the connection went away during the handshake
+            self._closed = True
+            return
+        self.transport = transport
+        self.security = "TLS"
+        self.conn.tls_started()
+        if "handle_tls" in self._hooks:
+            self._call_quietly("handle_tls", transport.get_extra_info("ssl_object"))
+
+    def _on_have_data(self, ev: HaveData):
+        return self._have_data(ev)
+
+    async def _have_data(self, ev: HaveData) -> None:
+        reply = ev.reply
+        try:
+            if "handle_have_data" in self._hooks:
+                result = self.validators.handle_have_data(reply, ev.data)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            if reply.code[:1] == "2":
+                envelope = self._build_envelope(ev)
+                results = await self.edge.handoff(envelope)
+                _queued_reply(reply, results)
+                if "handle_queued" in self._hooks:
+                    result = self.validators.handle_queued(reply, results)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+                if reply.code[:1] == "2":
+                    log.info("queued %s from %s", reply.message.rsplit(" ", 1)[-1],
+                             self.address[0])
+        except Exception:
+            log.exception("message from %s not queued", self.address[0])
+            reply.copy(R.queue_error)
+        self.envelope = None
+        self.conn.respond()
+
+    def _build_envelope(self, ev: HaveData) -> Envelope:
+        t = ev.transaction
+        envelope = self.envelope
+        if envelope is None:
+            envelope = Envelope(t.sender, list(t.recipients))
+        envelope.parse(ev.data)
+        envelope.body = t.body
+        envelope.smtputf8 = t.smtputf8
+        envelope.ret = t.ret
+        envelope.envid = t.envid
+        if t.rcpt_params:
+            envelope.rcpt_params = dict(t.rcpt_params)
+        conn = self.conn
+        envelope.client = {
+            "ip": self.address[0],
+            "host": None,
+            "name": conn.ehlo_as,
+            "protocol": self.protocol,
+            "auth": conn.auth,
+        }
+        return envelope
+
+    _dispatch = {
+        Ehlo: _on_ehlo,
+        Helo: _on_helo,
+        Mail: _on_mail,
+        Rcpt: _on_rcpt,
+        DataStart: _on_data,
+        HaveData: _on_have_data,
+        Rset: _on_rset,
+        Auth: _on_auth,
+        StartTls: _on_starttls,
+    }
+
+
+def _log_task_error(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("validator failed", exc_info=task.exception())
+
+
+class SmtpEdge(Edge):
+    """Receives mail over SMTP and hands each message to ``queue``.
+
+    ``SmtpEdge(('', 25), queue).start()`` binds at once (``OSError`` for a
+    bad address or a port in use) and serves on the running loop, or on the
+    loop :func:`slimta.run_forever` starts.
+
+    Limits (Postfix's defaults where it has one): ``max_size`` 10 MiB (0: no
+    limit), ``max_recipients`` 1000, ``command_timeout`` 300 s (idle time
+    waiting for the client), ``data_timeout`` 600 s (the whole message),
+    ``max_bad_commands`` 20, ``max_auth_failures`` 3, ``max_connections``
+    1000 and ``max_connections_per_ip`` 50 (421 4.7.0 at the banner).
+
+    TLS: ``context`` (an ``ssl.SSLContext``) offers STARTTLS, or with
+    ``tls_immediately`` serves SMTPS (port 465). AUTH: ``auth=True`` offers
+    PLAIN, LOGIN and CRAM-MD5 (or pass a list of mechanisms); with
+    ``auth_require_tls`` (default) PLAIN and LOGIN only over TLS.
+    """
+
+    def __init__(
+        self,
+        listener,
+        queue,
+        max_size: int | None = None,
+        validator_class: type | None = None,
+        auth: bool | list[str] | tuple[str, ...] = False,
+        context: ssl.SSLContext | None = None,
+        tls_immediately: bool = False,
+        command_timeout: float | None = None,
+        data_timeout: float | None = None,
+        hostname: str | None = None,
+        *,
+        auth_require_tls: bool = True,
+        max_recipients: int | None = DEFAULT_MAX_RECIPIENTS,
+        max_bad_commands: int | None = 20,
+        max_auth_failures: int | None = 3,
+        max_connections: int | None = 1000,
+        max_connections_per_ip: int | None = 50,
+        shutdown_timeout: float = 30.0,
+        backlog: int = 1024,
+    ):
+        super().__init__(queue, hostname)
+        if tls_immediately and context is None:
+            raise ValueError("tls_immediately needs a context")
+        self.listener = listener
+        self.max_size = DEFAULT_MAX_SIZE if max_size is None else (max_size or None)
+        self.validator_class = validator_class
+        if auth is True:
+            self.auth_mechanisms: tuple[str, ...] = SERVER_MECHANISMS
+        elif auth:
+            self.auth_mechanisms = tuple(m.upper() for m in auth)
+        else:
+            self.auth_mechanisms = ()
+        self.auth_require_tls = auth_require_tls
+        self.context = context
+        self.tls_immediately = tls_immediately
+        self.command_timeout = 300.0 if command_timeout is None else float(command_timeout)
+        self.data_timeout = 600.0 if data_timeout is None else float(data_timeout)
+        self.max_recipients = max_recipients
+        self.max_bad_commands = max_bad_commands
+        self.max_auth_failures = max_auth_failures
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.shutdown_timeout = shutdown_timeout
+        self.backlog = backlog
+        self._hooks = _overridden_hooks(validator_class)
+        self._sock = None
+        self._server = None
+        self._sessions: set[SmtpSession] = set()
+        self._per_ip: dict[str, int] = {}
+        self._all_closed: asyncio.Event | None = None
+
+    @property
+    def address(self) -> tuple:
+        """The bound (host, port), e.g. to learn the port after binding port 0."""
+        return self._sock.getsockname()[:2]
+
+    # --- lifecycle ------------------------------------------------------
+    def _prepare(self) -> None:
+        if self._sock is None:
+            self._sock = bind_listener(self.listener, self.backlog)
+
+    async def _begin(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SmtpSession(self), sock=self._sock, backlog=self.backlog,
+            ssl=self.context if self.tls_immediately else None,
+            ssl_handshake_timeout=self.command_timeout if self.tls_immediately else None)
+
+    async def _end(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._sessions):
+            session.shutdown()
+        if self._sessions:
+            self._all_closed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), self.shutdown_timeout)
+            except asyncio.TimeoutError:
+                for session in list(self._sessions):
+                    log.warning("closing SMTP session from %s at shutdown", session.address[0])
+                    session._closed = True
+                    session.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # --- connection accounting -------------------------------------------
+    def _admit(self, session: SmtpSession) -> bool:
+        ip = session.address[0]
+        if self.max_connections is not None and len(self._sessions) >= self.max_connections:
+            log.warning("refused %s: %d connections open", ip, len(self._sessions))
+            return False
+        count = self._per_ip.get(ip, 0)
+        if self.max_connections_per_ip is not None and count >= self.max_connections_per_ip:
+            log.warning("refused %s: %d connections from it open", ip, count)
+            return False
+        self._per_ip[ip] = count + 1
+        self._sessions.add(session)
+        return True
+
+    def _release(self, session: SmtpSession) -> None:
+        self._sessions.discard(session)
+        ip = session.address[0]
+        count = self._per_ip.get(ip, 1) - 1
+        if count <= 0:
+            self._per_ip.pop(ip, None)
+        else:
+            self._per_ip[ip] = count
+        if not self._sessions and self._all_closed is not None:
+            self._all_closed.set()

@@ -1,0 +1,1 @@
+"""Utilities shared by edges, queues and relays."""
