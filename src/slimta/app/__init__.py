@@ -1,0 +1,1 @@
+"""The slimta daemon: command line, config and the objects built from it."""
