@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# bench/smtp_accept.sh - SMTP accept rate of slimta's SmtpEdge against
+# aiosmtpd, in one run, on loopback, with Postfix's smtp-source as the client.
+#
+#   bash bench/smtp_accept.sh
+#   SCENARIOS="s20_1k_keep" RUNS=5 bash bench/smtp_accept.sh
+#   SERVERS="aiosmtpd aiosmtpd+uvloop SmtpEdge+uvloop SmtpEdge+asyncio" bash bench/smtp_accept.sh
+#
+# Each server is measured by the shared harness ../shared/bench/smtp_accept.sh
+# (seen from the repository root): server pinned to CPU 1, smtp-source to
+# CPU 0, one swaks check, a warm-up, then $RUNS timed runs per scenario.
+# Afterwards this prints the harness's summary tables and bench/ratios.py's
+# table of SmtpEdge / aiosmtpd ratios of the medians.
+#
+# Environment (defaults in brackets):
+#   SERVERS   ["aiosmtpd SmtpEdge"]; known rows: aiosmtpd, aiosmtpd+uvloop,
+#             SmtpEdge (= SmtpEdge+uvloop when uvloop imports, else
+#             SmtpEdge+asyncio), SmtpEdge+uvloop, SmtpEdge+asyncio
+#   SCENARIOS ["s20_1k_keep s20_100k_keep"]   (the harness also knows
+#             s20_1k_conn and s1_1k_keep)
+#   RUNS [3]   RESULTS_DIR [/tmp/slimta-bench]   KEEP_RESULTS [0]: 1 appends
+#             to an existing results.tsv instead of starting a new one
+#   PYTHON [python3]: runs SmtpEdge (with this checkout's src/ first on
+#             sys.path) and aiosmtpd when it can import aiosmtpd
+#   AIOSMTPD_PYTHON: the Python for aiosmtpd [PYTHON if it has aiosmtpd,
+#             else /tmp/benchvenv/bin/python from the shared setup.sh]
+#   EDGE_SCALE_1K [3]  EDGE_SCALE_100K [8]: SmtpEdge rows send this many
+#             times more messages per run than aiosmtpd (20,000 x 3 of 1 KB,
+#             3,000 x 8 of 100 KB), so that their runs last seconds too;
+#             rates are per second either way
+#   SHARED_BENCH [../shared/bench]   CHECK_TARGETS [0]: 1 makes the exit
+#             status 1 when a target ratio is missed
+#   SMTPEDGE_CMD: replaces "python bench/slimta_sink.py" in the SmtpEdge
+#             rows (it gets the same "--port N --uvloop|--no-uvloop"); only
+#             for trying this script with a stand-in server
+#   PIN, SERVER_CPUS [1], CLIENT_CPUS [0], RUN_TIMEOUT, N_*, WARMUP_MSGS:
+#             passed to the shared harness
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+SHARED_BENCH=${SHARED_BENCH:-$ROOT/../shared/bench}
+[ -d "$SHARED_BENCH" ] && SHARED_BENCH=$(cd "$SHARED_BENCH" && pwd)
+HARNESS=$SHARED_BENCH/smtp_accept.sh
+SUMMARIZE=$SHARED_BENCH/summarize.py
+
+SERVERS=${SERVERS:-"aiosmtpd SmtpEdge"}
+export SCENARIOS=${SCENARIOS:-"s20_1k_keep s20_100k_keep"}
+export RUNS=${RUNS:-3}
+export RESULTS_DIR=${RESULTS_DIR:-/tmp/slimta-bench}
+export RESULTS_TSV=$RESULTS_DIR/results.tsv
+PYTHON=${PYTHON:-python3}
+EDGE_SCALE_1K=${EDGE_SCALE_1K:-3}
+EDGE_SCALE_100K=${EDGE_SCALE_100K:-8}
+AIOSMTPD_PORT=2502
+EDGE_PORT=2510
+
+export N_S20_1K_KEEP=${N_S20_1K_KEEP:-20000} N_S20_1K_CONN=${N_S20_1K_CONN:-10000}
+export N_S20_100K_KEEP=${N_S20_100K_KEEP:-3000} N_S1_1K_KEEP=${N_S1_1K_KEEP:-5000}
+
+say() { printf '== bench: %s\n' "$*" >&2; }
+die() { printf '== bench: ERROR: %s\n' "$*" >&2; exit 2; }
+
+# ---- what the run needs ------------------------------------------------------
+[ -f "$HARNESS" ] || die "shared harness not found: $HARNESS (set SHARED_BENCH)"
+[ -f "$SUMMARIZE" ] || die "not found: $SUMMARIZE"
+case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH=$PATH:/usr/sbin ;; esac
+command -v smtp-source > /dev/null || die "smtp-source missing (apt-get install postfix)"
+command -v swaks > /dev/null || die "swaks missing (apt-get install swaks)"
+command -v taskset > /dev/null || die "taskset missing (util-linux)"
+command -v "$PYTHON" > /dev/null || die "no $PYTHON"
+
+if [ -z "${PIN:-}" ]; then
+    if [ "$(nproc)" -ge 2 ]; then
+        export PIN=1
+    else
+        say "only $(nproc) CPU: running unpinned (PIN=0); compare only within this run"
+        export PIN=0
+    fi
+fi
+export SERVER_CPUS=${SERVER_CPUS:-1} CLIENT_CPUS=${CLIENT_CPUS:-0}
+
+has_module() { "$1" -c "import $2" > /dev/null 2>&1; }
+
+if [ -z "${AIOSMTPD_PYTHON:-}" ]; then
+    if has_module "$PYTHON" aiosmtpd; then
+        AIOSMTPD_PYTHON=$PYTHON
+    elif [ -x /tmp/benchvenv/bin/python ] && has_module /tmp/benchvenv/bin/python aiosmtpd; then
+        AIOSMTPD_PYTHON=/tmp/benchvenv/bin/python
+    fi
+fi
+
+# SmtpEdge runs from this checkout, whatever slimta is installed
+EDGE_ENV="PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+has_module "$PYTHON" uvloop && EDGE_DEFAULT=SmtpEdge+uvloop || EDGE_DEFAULT=SmtpEdge+asyncio
+
+# ---- results directory ---------------------------------------------------------
+mkdir -p "$RESULTS_DIR"
+if [ "${KEEP_RESULTS:-0}" != 1 ]; then
+    rm -f "$RESULTS_TSV" "$RESULTS_DIR/summary.md" "$RESULTS_DIR/ratios.md"
+fi
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "kernel: $(uname -srm)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
+    if [ "$PIN" = 1 ]; then
+        echo "pinning: server CPUs=$SERVER_CPUS client CPUs=$CLIENT_CPUS (taskset)"
+    else
+        echo "pinning: none"
+    fi
+    echo "slimta: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+        "($PYTHON: $("$PYTHON" --version 2>&1))"
+    pythons=("$PYTHON")
+    if [ -n "${AIOSMTPD_PYTHON:-}" ] && [ "$AIOSMTPD_PYTHON" != "$PYTHON" ]; then
+        pythons+=("$AIOSMTPD_PYTHON")
+    fi
+    for py in "${pythons[@]}"; do
+        "$py" - "$py" <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+found = []
+for p in ("aiosmtpd", "uvloop"):
+    try:
+        found.append(f"{p} {version(p)}")
+    except PackageNotFoundError:
+        found.append(f"{p} -")
+print(f"{sys.argv[1]}: Python {sys.version.split()[0]}; " + ", ".join(found))
+EOF
+    done
+    echo "postfix (smtp-source): $(postconf -d -h mail_version 2>/dev/null || echo '?')"
+    echo "scenarios: $SCENARIOS; runs: $RUNS"
+} > "$RESULTS_DIR/env.txt"
+cat "$RESULTS_DIR/env.txt" >&2
+
+# ---- the rows ------------------------------------------------------------------
+accept() { bash "$HARNESS" "$@"; }
+
+# SmtpEdge rows send EDGE_SCALE_* times more messages per run
+edge_accept() {
+    N_S20_1K_KEEP=$((N_S20_1K_KEEP * EDGE_SCALE_1K)) \
+    N_S20_1K_CONN=$((N_S20_1K_CONN * EDGE_SCALE_1K)) \
+    N_S1_1K_KEEP=$((N_S1_1K_KEEP * EDGE_SCALE_1K)) \
+    N_S20_100K_KEEP=$((N_S20_100K_KEEP * EDGE_SCALE_100K)) \
+        accept "$@"
+}
+
+edge_cmd() {  # $1 = extra sink option
+    if [ -n "${SMTPEDGE_CMD:-}" ]; then
+        printf '%s --port %s %s' "$SMTPEDGE_CMD" "$EDGE_PORT" "$1"
+    else
+        printf 'exec env %q %q %q --port %s %s' "$EDGE_ENV" "$PYTHON" \
+            "$HERE/slimta_sink.py" "$EDGE_PORT" "$1"
+    fi
+}
+
+aiosmtpd_cmd() {  # $1 = extra sink option
+    printf 'exec %q %q --port %s %s' "$AIOSMTPD_PYTHON" \
+        "$SHARED_BENCH/servers/aiosmtpd_sink.py" "$AIOSMTPD_PORT" "$1"
+}
+
+failed=0
+for s in $SERVERS; do
+    [ "$s" = SmtpEdge ] && s=$EDGE_DEFAULT
+    say "measuring $s"
+    case $s in
+        aiosmtpd|aiosmtpd+uvloop)
+            if [ -z "${AIOSMTPD_PYTHON:-}" ]; then
+                say "no Python with aiosmtpd: pip install -e '.[test]' or run $SHARED_BENCH/setup.sh"
+                failed=1; continue
+            fi
+            opt=; [ "$s" = aiosmtpd+uvloop ] && opt=--uvloop
+            accept -n "$s" "$(aiosmtpd_cmd "$opt")" "$AIOSMTPD_PORT" ;;
+        SmtpEdge+uvloop)
+            edge_accept -n "$s" "$(edge_cmd --uvloop)" "$EDGE_PORT" ;;
+        SmtpEdge+asyncio)
+            edge_accept -n "$s" "$(edge_cmd --no-uvloop)" "$EDGE_PORT" ;;
+        *)
+            say "unknown server $s"; failed=1; continue ;;
+    esac
+    rc=$?
+    if [ "$rc" != 0 ]; then
+        say "$s failed (harness exit $rc); logs in $RESULTS_DIR/"
+        failed=1
+    fi
+done
+
+# ---- tables ----------------------------------------------------------------------
+[ -s "$RESULTS_TSV" ] || die "no results in $RESULTS_TSV"
+python3 "$SUMMARIZE" "$RESULTS_TSV" > "$RESULTS_DIR/summary.md"
+check=; [ "${CHECK_TARGETS:-0}" = 1 ] && check=--check
+python3 "$HERE/ratios.py" "$RESULTS_TSV" --baseline aiosmtpd $check > "$RESULTS_DIR/ratios.md"
+ratios_rc=$?
+echo
+cat "$RESULTS_DIR/env.txt"
+echo
+cat "$RESULTS_DIR/summary.md"
+echo
+cat "$RESULTS_DIR/ratios.md"
+echo
+say "results in $RESULTS_DIR (results.tsv, summary.md, ratios.md, env.txt, logs)"
+[ "$failed" = 0 ] || exit 1
+exit "$ratios_rc"
