@@ -83,18 +83,20 @@ class DataReader:
     def feed(self, buf: bytes, start: int) -> int:
         """Consume ``buf[start:]`` up to the end of data; return the new offset."""
         tail = self._tail
-        end = -1
+        # ``end`` is the offset of the terminator's dot; it may be negative (a
+        # dot stored in an earlier read), so "not found" is None, not -1.
+        end = None
         # A terminator that begins in what was read before.
         if len(tail) > 0:
             probe = tail + buf[start:start + 4]
             i = probe.find(END_OF_DATA)
             if i != -1 and i < len(tail):
                 end = start + i + 2 - len(tail)
-        if end == -1:
+        if end is None:
             i = buf.find(END_OF_DATA, start)
             if i != -1:
                 end = i + 2
-        if end != -1:
+        if end is not None:
             consumed = end + 3
             if end < start:
                 # the content ended inside bytes already stored
@@ -104,9 +106,9 @@ class DataReader:
                 region_end = end
         else:
             consumed = region_end = len(buf)
-        self._check_region(buf, start, region_end, final=end != -1)
+        self._check_region(buf, start, region_end, final=end is not None)
         if self.done:  # a bogus end-of-data was seen
-            return consumed if end != -1 else len(buf)
+            return consumed
         n = region_end - start
         if n > 0:
             self.size += n
@@ -116,7 +118,7 @@ class DataReader:
             elif not self.too_big:
                 self._chunks.append(buf[start:region_end] if start or region_end != len(buf)
                                     else buf)
-        if end != -1:
+        if end is not None:
             self.done = True
             return consumed
         keep = tail + buf[start:region_end] if region_end - start < 4 else buf[region_end - 4:region_end]
