@@ -60,15 +60,19 @@ class EdgeThread:
 
     def _run(self):
         asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._start_edge)
+        self.loop.run_forever()
+
+    def _start_edge(self):
+        # start() inside the running loop, as an application would
         try:
             self.edge = self.factory(self.queue)
             self.edge.start()
         except BaseException as exc:  # surfaced in start()
             self._error = exc
-            self._ready.set()
-            return
-        self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
+            self.edge = None
+            self.loop.stop()
+        self._ready.set()
 
     def start(self):
         self._thread.start()
@@ -85,7 +89,7 @@ class EdgeThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self):
-        if self.edge is not None and self._error is None:
+        if self.edge is not None:
             try:
                 self.call(self.edge.stop(), timeout=30)
             finally:
@@ -158,7 +162,9 @@ def require_tool(name: str) -> str:
 
     CI must not pass quietly without the real peers (see .ci/run).
     """
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    path = shutil.which(name)
+    if path is None and os.path.exists(f"/usr/sbin/{name}"):
+        path = f"/usr/sbin/{name}"
     if path is None:
         pytest.fail(f"required program {name!r} is not installed (see .ci/run)")
     return path

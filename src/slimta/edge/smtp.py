@@ -436,7 +436,7 @@ class SmtpSession(asyncio.Protocol):
             transport = await self._loop.start_tls(
                 self.transport, self, self.edge.context, server_side=True,
                 ssl_handshake_timeout=self.edge.command_timeout)
-        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", self.address[0], exc)
             self._closed = True
             self.transport.abort()
@@ -615,7 +615,7 @@ class SmtpEdge(Edge):
             self._all_closed = asyncio.Event()
             try:
                 await asyncio.wait_for(self._all_closed.wait(), self.shutdown_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 for session in list(self._sessions):
                     log.warning("closing SMTP session from %s at shutdown", session.address[0])
                     session._closed = True

@@ -47,6 +47,43 @@ def dot_stuff(content: bytes) -> bytes:
     return content + b".\r\n"
 
 
+def _py_scan(buf: bytes, start: int, pending_cr: bool) -> tuple[int, bool, bool, bool]:
+    """The pure-Python twin of ``_speedups.scan`` (see _speedups.c for the contract)."""
+    bare = dots = False
+    p = start
+    n = len(buf)
+    if pending_cr:
+        if p >= n:
+            return -1, False, False, True
+        if buf[p] != 10:
+            bare = True
+        else:
+            p += 1
+            if buf[p:p + 3] == b".\r\n":
+                return p, False, False, False
+            if buf[p:p + 1] == b".":
+                dots = True
+    i = buf.find(END_OF_DATA, p)
+    e = i + 2 if i != -1 else n
+    n_lf = buf.count(b"\n", p, e)
+    n_cr = buf.count(b"\r", p, e)
+    pending = False
+    if i == -1 and e > p and buf[e - 1] == 13:
+        pending = True
+        n_cr -= 1
+    if (n_lf or n_cr) and (n_lf != n_cr or buf.count(b"\r\n", p, e) != n_lf):
+        bare = True
+    if not dots and buf.find(b"\n.", p, e) != -1:
+        dots = True
+    return (e if i != -1 else -1), bare, dots, pending
+
+
+try:
+    from slimta.smtp._speedups import scan as _scan
+except ImportError:  # pragma: no cover - the C part did not build
+    _scan = _py_scan
+
+
 class DataReader:
     """Collects the content of one DATA command.
 
@@ -59,11 +96,13 @@ class DataReader:
     - :attr:`too_big` — the content exceeded ``max_size`` (nothing was kept);
     - :attr:`bare_newline` — a bare CR or LF appeared in the content;
     - otherwise :meth:`content` gives the unstuffed message.
+
+    Size counts the content as sent, dot-stuffing included.
     """
 
     __slots__ = (
-        "_chunks", "_pending_cr", "_tail", "_trim", "bare_newline", "bogus_end", "done",
-        "max_size", "size", "too_big",
+        "_chunks", "_dots", "_pending_cr", "_tail", "_trim", "bare_newline", "bogus_end",
+        "done", "max_size", "size", "too_big",
     )
 
     def __init__(self, max_size: int | None = None):
@@ -78,79 +117,67 @@ class DataReader:
         # before the first content line, so ".\r\n" at once is an empty message.
         self._tail = b"\r\n"
         self._pending_cr = False
+        self._dots = False
         self._trim = 0
 
     def feed(self, buf: bytes, start: int) -> int:
         """Consume ``buf[start:]`` up to the end of data; return the new offset."""
         tail = self._tail
-        # ``end`` is the offset of the terminator's dot; it may be negative (a
-        # dot stored in an earlier read), so "not found" is None, not -1.
-        end = None
-        # A terminator that begins in what was read before.
-        if len(tail) > 0:
-            probe = tail + buf[start:start + 4]
-            i = probe.find(END_OF_DATA)
-            if i != -1 and i < len(tail):
-                end = start + i + 2 - len(tail)
-        if end is None:
-            i = buf.find(END_OF_DATA, start)
-            if i != -1:
-                end = i + 2
-        if end is not None:
-            consumed = end + 3
-            if end < start:
-                # the content ended inside bytes already stored
-                self._trim = start - end
-                region_end = start
+        # A terminator that begins in bytes read before: its dot may even be
+        # stored already (then ``dot`` is before ``start``, possibly negative).
+        probe = tail + buf[start:start + 4]
+        i = probe.find(END_OF_DATA)
+        if i != -1 and i < len(tail):
+            dot = start + i + 2 - len(tail)
+            if dot < start:
+                self._trim = start - dot
             else:
-                region_end = end
-        else:
-            consumed = region_end = len(buf)
-        self._check_region(buf, start, region_end, final=end is not None)
-        if self.done:  # a bogus end-of-data was seen
-            return consumed
-        n = region_end - start
-        if n > 0:
-            self.size += n
-            if self.max_size is not None and self.size - self._trim > self.max_size:
-                self.too_big = True
-                self._chunks.clear()
-            elif not self.too_big:
-                self._chunks.append(buf[start:region_end] if start or region_end != len(buf)
-                                    else buf)
-        if end is not None:
-            self.done = True
-            return consumed
-        keep = tail + buf[start:region_end] if region_end - start < 4 else buf[region_end - 4:region_end]
-        self._tail = keep[-4:]
-        return consumed
-
-    def _check_region(self, buf: bytes, s: int, e: int, final: bool) -> None:
-        """Look for bare CR/LF in buf[s:e] (the boundary with earlier bytes included)."""
-        if s >= e:
-            if final:  # a pending CR was the start of the terminator
-                self._pending_cr = False
-            return
-        n_lf = buf.count(b"\n", s, e)
-        n_cr = buf.count(b"\r", s, e)
-        if n_lf == 0 and n_cr == 0 and not self._pending_cr:
-            return
-        n_crlf = buf.count(b"\r\n", s, e)
-        first = buf[s]
-        if self._pending_cr:
-            if first == 10:  # the CR before was half of a CRLF split across reads
-                n_crlf += 1
-                n_cr += 1
-            else:
-                self.bare_newline = True
-        self._pending_cr = False
-        if not final and buf[e - 1] == 13:
-            # may be the first half of a CRLF whose LF has not arrived
-            self._pending_cr = True
-            n_cr -= 1
-        if n_lf != n_crlf or n_cr != n_crlf:
+                self._store(buf, start, dot)  # at most the LF of a split CRLF
+            self._finish()
+            return dot + 3
+        eod, bare, dots, pending = _scan(buf, start, self._pending_cr)
+        if tail[-1:] == b"\n" and buf[start:start + 1] == b".":
+            dots = True
+        region_end = eod if eod != -1 else len(buf)
+        if bare or self.bare_newline:
+            # once a line ending was bare, a dot line may be one too, even across reads
             self.bare_newline = True
-            self._look_for_bogus_end(buf, s, e)
+            self._look_for_bogus_end(buf, start, region_end)
+            if self.done:
+                return eod + 3 if eod != -1 else len(buf)
+        self._pending_cr = pending
+        if dots:
+            self._dots = True
+        self._store(buf, start, region_end)
+        if eod != -1:
+            self._finish()
+            return eod + 3
+        if region_end - start >= 4:
+            self._tail = buf[region_end - 4:region_end]
+        else:
+            self._tail = (tail + buf[start:region_end])[-4:]
+        return region_end
+
+    def _store(self, buf: bytes, s: int, e: int) -> None:
+        n = e - s
+        if n <= 0:
+            return
+        self.size += n
+        if self.too_big:
+            return
+        # up to two stored bytes (".", CR) may turn out to be the terminator's
+        if self.max_size is not None and self.size > self.max_size + 2:
+            self.too_big = True
+            self._chunks.clear()
+            return
+        self._chunks.append(buf if n == len(buf) else buf[s:e])
+
+    def _finish(self) -> None:
+        self.done = True
+        self.size -= self._trim
+        if not self.too_big and self.max_size is not None and self.size > self.max_size:
+            self.too_big = True
+            self._chunks.clear()
 
     def _look_for_bogus_end(self, buf: bytes, s: int, e: int) -> None:
         window = self._tail + buf[s:e]
@@ -166,10 +193,11 @@ class DataReader:
 
     def content(self) -> bytes:
         """The unstuffed message content (valid once :attr:`done`, if no error)."""
-        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self._trim:
             data = data[: len(data) - self._trim]
-        return dot_unstuff(data)
+        return dot_unstuff(data) if self._dots else data
 
 
 class ChunkReader:
