@@ -487,6 +487,7 @@ class SmtpSession(asyncio.Protocol):
         envelope.smtputf8 = t.smtputf8
         envelope.ret = t.ret
         envelope.envid = t.envid
+        envelope.auth = t.auth
         if t.rcpt_params:
             envelope.rcpt_params = dict(t.rcpt_params)
         conn = self.conn

@@ -493,20 +493,20 @@ class ServerConnection:
         while True:
             buf, pos = self._buf, self._pos
             i = buf.find(b"\n", pos)
-            limit = AUTH_LINE_LIMIT if self._mode == _AUTH or self._looks_like_auth() \
-                else COMMAND_LINE_LIMIT
             if i == -1:
-                if len(buf) - pos > limit:
+                if len(buf) - pos > self._line_limit():
                     self._discarding = True
                     self._buf, self._pos = b"", 0
                 return None
-            self._pos = i + 1
-            if self._discarding or i + 1 - pos > limit:
+            n = i + 1 - pos
+            if self._discarding or (n > COMMAND_LINE_LIMIT and n > self._line_limit()):
+                self._pos = i + 1
                 self._discarding = False
                 self._error(R.line_too_long)
                 if self.closing:
                     return None
                 continue
+            self._pos = i + 1
             end = i - 1 if i > pos and buf[i - 1] == 13 else i
             raw = buf[pos:end]
             if b"\0" in raw:
@@ -521,8 +521,11 @@ class ServerConnection:
                 if self.closing:
                     return None
 
-    def _looks_like_auth(self) -> bool:
-        return self._buf[self._pos:self._pos + 5].upper() == b"AUTH "
+    def _line_limit(self) -> int:
+        """AUTH lines may be longer than other commands (RFC 4954 §4)."""
+        if self._mode == _AUTH or self._buf[self._pos:self._pos + 5].upper() == b"AUTH ":
+            return AUTH_LINE_LIMIT
+        return COMMAND_LINE_LIMIT
 
     def _command(self, line: str) -> Event | None:
         sp = line.find(" ")
