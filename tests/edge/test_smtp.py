@@ -121,7 +121,7 @@ async def test_stop_closes_idle_sessions_with_421_and_lets_data_finish():
     edge.start()
     await edge.started()
     port = edge.address[1]
-    idle_r, idle_w = await session(port)
+    idle_r, _idle_w = await session(port)
     busy_r, busy_w = await session(port)
     await command(busy_r, busy_w, b"EHLO x")
     await command(busy_r, busy_w, b"MAIL FROM:<a@example.com>")
