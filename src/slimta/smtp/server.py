@@ -681,7 +681,7 @@ class ServerConnection:
 
     def _cmd_bdat(self, arg: str) -> Event | None:
         parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or (
+        if not parts or len(parts) > 2 or not (parts[0].isascii() and parts[0].isdigit()) or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
             # the chunk's length is unknown, so the input cannot be followed any further
             self._send(Reply("501", "5.5.4 Syntax: BDAT size [LAST]; closing connection"))
