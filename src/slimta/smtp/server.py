@@ -781,7 +781,8 @@ class ServerConnection:
         kind = result.kind
         if kind == "challenge":
             self._mode = _AUTH
-            self._send(Reply("334", result.encoded))
+            # RFC 4954 §4: continue-req = "334" SP [base64] CRLF, even when empty
+            self._out.append(b"334 " + result.encoded.encode("ascii") + b"\r\n")
             return None
         self._mode = _COMMAND
         self._auth_exchange = None
