@@ -150,6 +150,8 @@ class SmtpSession(asyncio.Protocol):
         self._hooks = edge._hooks
         self._busy = False
         self._paused = False
+        self._tls_handshaking = False
+        self._task: asyncio.Task | None = None  # the handler running, kept from the GC
         self._closed = False
         self._draining = False
         self._admitted = False
@@ -213,12 +215,19 @@ class SmtpSession(asyncio.Protocol):
         if secure and "handle_tls" in self._hooks:
             self._call_quietly("handle_tls", transport.get_extra_info("ssl_object"))
         reply = Reply("220", f"{edge.hostname} ESMTP Mail Gateway")
-        self._run_hook("handle_banner", reply, (reply, self.address), self._banner_done, reply)
+        pending = self._run_hook("handle_banner", reply, (reply, self.address),
+                                 self._banner_done, reply)
+        if pending is not None:
+            self._busy = True
+            self._task = loop.create_task(self._finish(pending))
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
         conn = self.conn
+        if self._tls_handshaking:
+            # the first bytes through the new TLS layer may come before start_tls() returns
+            self._tls_active()
         conn.receive_data(data)
         self._last = self._loop.time()
         if self._busy:
@@ -254,7 +263,7 @@ class SmtpSession(asyncio.Protocol):
                 pending = self._dispatch[type(ev)](self, ev)
                 if pending is not None:
                     self._busy = True
-                    self._loop.create_task(self._finish(pending))
+                    self._task = self._loop.create_task(self._finish(pending))
                     break
         except Exception:
             log.exception("SMTP session from %s failed", self.address[0])
@@ -432,6 +441,7 @@ class SmtpSession(asyncio.Protocol):
         return self._start_tls()
 
     async def _start_tls(self) -> None:
+        self._tls_handshaking = True
         try:
             transport = await self._loop.start_tls(
                 self.transport, self, self.edge.context, server_side=True,
@@ -445,10 +455,15 @@ class SmtpSession(asyncio.Protocol):
             self._closed = True
             return
         self.transport = transport
-        self.security = "TLS"
-        self.conn.tls_started()
+        if self._tls_handshaking:
+            self._tls_active()
         if "handle_tls" in self._hooks:
             self._call_quietly("handle_tls", transport.get_extra_info("ssl_object"))
+
+    def _tls_active(self) -> None:
+        self._tls_handshaking = False
+        self.security = "TLS"
+        self.conn.tls_started()
 
     def _on_have_data(self, ev: HaveData):
         return self._have_data(ev)
