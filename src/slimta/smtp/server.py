@@ -509,7 +509,8 @@ class ServerConnection:
             self._pos = i + 1
             end = i - 1 if i > pos and buf[i - 1] == 13 else i
             raw = buf[pos:end]
-            if b"\0" in raw:
+            # NUL, and a bare CR (RFC 5321 §2.3.8), which replies would echo
+            if b"\0" in raw or b"\r" in raw:
                 self._error(R.syntax_error)
                 if self.closing:
                     return None
