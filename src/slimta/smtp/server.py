@@ -428,6 +428,8 @@ class ServerConnection:
             if reply.code == "235":
                 self.auth = ev.credentials.authcid
             else:
+                if reply.closes_connection():  # the validator's 421 is the last word
+                    self.closing = True
                 self._auth_failed()
         else:  # pragma: no cover - all kinds handled above
             self._send(reply)
@@ -449,7 +451,8 @@ class ServerConnection:
 
     def _auth_failed(self) -> None:
         self.auth_failures += 1
-        if self.max_auth_failures is not None and self.auth_failures >= self.max_auth_failures:
+        if (self.max_auth_failures is not None and self.auth_failures >= self.max_auth_failures
+                and not self.closing):  # one 421, even when the bad-command limit hit too
             self._send(R.too_many_errors)
             self.closing = True
 
