@@ -375,6 +375,9 @@ class SmtpSession(asyncio.Protocol):
             result = getattr(self.validators, name)(*args)
             if result is not None and inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
+                background = self.edge._background
+                background.add(task)
+                task.add_done_callback(background.discard)
                 task.add_done_callback(_log_task_error)
         except Exception:
             log.exception("validator %s failed", name)
@@ -604,6 +607,7 @@ class SmtpEdge(Edge):
         self._sessions: set[SmtpSession] = set()
         self._per_ip: dict[str, int] = {}
         self._all_closed: asyncio.Event | None = None
+        self._background: set[asyncio.Future] = set()  # hooks nobody waits for
 
     @property
     def address(self) -> tuple:
