@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import smtplib
 import socket
+import ssl
 import threading
 import time
 
@@ -318,6 +319,46 @@ def test_commands_pipelined_after_starttls_are_discarded(raw, run_edge, server_t
     reply = ehlo(conn)
     assert reply.lines[0] == f"Hello {CLIENT}"
     assert conn.cmd("RCPT TO:<b@example.com>").code == 503
+
+
+def test_command_sent_with_the_tls_finished_is_answered(raw, run_edge, server_tls_context,
+                                                        client_tls_context):
+    # A TLS 1.3 client may send its first command in the same segment as its
+    # Finished message (openssl s_client often does). That command arrived after
+    # the handshake and must be answered, not dropped as pre-TLS cleartext.
+    edge = run_edge(context=server_tls_context)
+    conn = raw(edge)
+    ehlo(conn)
+    assert conn.cmd("STARTTLS").code == 220
+    assert conn.buf == b""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_tls_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            conn.send(outgoing.read())
+            data = conn.sock.recv(65536)
+            assert data, "server closed during the handshake"
+            incoming.write(data)
+    tls.write(f"EHLO {CLIENT}\r\n".encode())
+    conn.send(outgoing.read())  # the client Finished and the EHLO in one write
+    conn.sock.settimeout(3)
+    received = b""
+    while not received.endswith(b"\r\n") or b"\r\n250 " not in b"\r\n" + received:
+        try:
+            received += tls.read(65536)
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        try:
+            data = conn.sock.recv(65536)
+        except TimeoutError:
+            pytest.fail(f"EHLO sent with the TLS Finished was never answered; got {received!r}")
+        assert data, f"server closed the connection; got {received!r}"
+        incoming.write(data)
+    assert received.startswith(f"250-Hello {CLIENT}\r\n".encode()), received
 
 
 # ----------------------------------------------------------------------
