@@ -132,6 +132,11 @@ class DataReader:
             if dot < start:
                 self._trim = start - dot
             else:
+                if self.bare_newline:
+                    # that LF may end a bogus dot line begun in the last read
+                    self._look_for_bogus_end(buf, start, dot)
+                    if self.done:
+                        return dot + 3
                 self._store(buf, start, dot)  # at most the LF of a split CRLF
             self._finish()
             return dot + 3
