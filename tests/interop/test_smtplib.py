@@ -852,10 +852,10 @@ def test_command_timeout_421(raw, run_edge):
 
 
 def test_command_timeout_resets_on_each_command(raw, run_edge):
-    edge = run_edge(command_timeout=0.5)
+    edge = run_edge(command_timeout=1.0)
     conn = raw(edge)
-    for _ in range(4):
-        time.sleep(0.3)
+    for _ in range(3):
+        time.sleep(0.4)
         assert conn.cmd("NOOP").code == 250
     reply = conn.reply()
     assert (reply.code, reply.esc) == (421, "4.4.2"), reply
@@ -1048,28 +1048,38 @@ def test_validator_exception_is_451_and_server_keeps_serving(raw, run_edge):
     assert len(edge.queue.envelopes) == 2
 
 
-def test_validator_421_closes_connection(raw, run_edge):
+@pytest.mark.parametrize("code,text", [("421", "4.7.0 Go away"), ("221", "2.0.0 Bye now")])
+def test_validator_421_or_221_closes_connection(raw, run_edge, code, text):
     class Kick(SmtpValidators):
         def handle_mail(self, reply, sender, params):
-            reply.code = "421"
-            reply.message = "4.7.0 Go away"
+            reply.code = code
+            reply.message = text
 
     edge = run_edge(validator_class=Kick)
     conn = raw(edge)
     ehlo(conn)
     reply = conn.cmd("MAIL FROM:<a@example.com>")
-    assert (reply.code, reply.text) == (421, "4.7.0 Go away"), reply
-    conn.wait_closed()
+    assert (reply.code, reply.text) == (int(code), text), reply
+    assert conn.wait_closed() == b""
 
 
-def test_banner_validator_sees_address_and_421_closes(raw, run_edge):
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_banner_validator_sees_address_and_421_closes(raw, run_edge, is_async):
     rec = Recorder()
 
+    def banner(reply, address):
+        rec.add("banner", address[0])
+        reply.code = "421"
+        reply.message = "4.3.2 Not now"
+
     class Banner(SmtpValidators):
-        def handle_banner(self, reply, address):
-            rec.add("banner", address[0])
-            reply.code = "421"
-            reply.message = "4.3.2 Not now"
+        if is_async:
+            async def handle_banner(self, reply, address):
+                await asyncio.sleep(0.01)
+                banner(reply, address)
+        else:
+            def handle_banner(self, reply, address):
+                banner(reply, address)
 
     edge = run_edge(validator_class=Banner)
     conn = raw(edge, banner=False)
@@ -1153,7 +1163,7 @@ def test_queue_exception_is_451_and_next_message_goes_through(raw, run_edge):
 
 def test_slow_queue_does_not_block_other_sessions(raw, run_edge):
     edge = run_edge()
-    edge.queue.delay = 1.0
+    edge.queue.delay = 2.0
     slow = raw(edge)
     start_transaction(slow)
     assert slow.cmd("DATA").code == 354
@@ -1162,8 +1172,49 @@ def test_slow_queue_does_not_block_other_sessions(raw, run_edge):
     other = raw(edge)
     ehlo(other)
     assert other.cmd("NOOP").code == 250
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 1.5
     assert slow.reply().code == 250
+
+
+# ----------------------------------------------------------------------
+# stopping
+
+
+def test_stop_lets_the_message_in_progress_finish(raw, run_edge):
+    edge = run_edge()
+    port = edge.port
+    busy = raw(edge)
+    start_transaction(busy)
+    assert busy.cmd("DATA").code == 354
+    msg = dot_stuff(message("during stop"))
+    busy.send(msg[:40])
+    idle = raw(edge)
+    ehlo(idle)
+    stopping = asyncio.run_coroutine_threadsafe(edge.edge.stop(), edge.loop)
+    # the idle session is told at once, and no new connection is accepted
+    reply = idle.reply()
+    assert reply.code == 421, reply
+    idle.wait_closed()
+    assert wait_until(lambda: _refused(port), timeout=3), "still accepting after stop()"
+    assert not stopping.done()
+    # the message in progress is still taken, then the session ends
+    busy.send(msg[40:])
+    reply = busy.reply()
+    assert reply.code == 250 and reply.text.startswith("2.6.0"), reply
+    reply = busy.reply()
+    assert reply.code == 421, reply
+    busy.wait_closed()
+    stopping.result(10)
+    [env] = edge.queue.envelopes
+    assert flat(env) == message("during stop")
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------
