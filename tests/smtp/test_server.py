@@ -1423,3 +1423,14 @@ def test_property_garbage_never_raises(pieces, replies, config, rejected, timeou
     for line in data.split(b"\r\n")[:-1]:
         assert _LINE_RE.match(line), line
         assert b"\r" not in line and b"\n" not in line, line
+
+
+def test_non_ascii_command_word_is_unknown():
+    # str.upper() would turn the dotless i into I and run QUIT
+    conn = ServerConnection("mx.test")
+    conn.banner(Reply("220", "mx.test ESMTP"))
+    conn.data_to_send()
+    conn.receive_data("qu\u0131t\r\n".encode())
+    assert conn.next_event() is None
+    assert conn.data_to_send().startswith(b"500 5.5.2")
+    assert not conn.closing

@@ -298,7 +298,11 @@ class SmtpSession(asyncio.Protocol):
             return
         if conn.receiving_message:
             if self._data_deadline is None:
-                self._data_deadline = self._loop.time() + self.edge.data_timeout
+                self._data_deadline = deadline = self._loop.time() + self.edge.data_timeout
+                timer = self._timer
+                if timer is not None and timer.when() > deadline:
+                    timer.cancel()
+                    self._timer = self._loop.call_at(deadline, self._on_timer)
         elif self._data_deadline is not None:
             self._data_deadline = None
         if self._draining and not self._busy and not conn.receiving_message:

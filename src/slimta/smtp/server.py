@@ -352,10 +352,7 @@ class ServerConnection:
                 line = self._read_line()
                 if line is None:
                     return None
-                if mode == _AUTH:
-                    ev = self._auth_step(line)
-                else:
-                    ev = self._command(line)
+                ev = self._auth_step(line) if mode == _AUTH else self._command(line)
             if ev is None:
                 continue
             if ev is True:  # input exhausted in a content mode
@@ -534,9 +531,11 @@ class ServerConnection:
     def _command(self, line: str) -> Event | None:
         sp = line.find(" ")
         if sp == -1:
-            verb, arg = line.upper(), ""
+            verb, arg = line, ""
         else:
-            verb, arg = line[:sp].upper(), line[sp + 1:]
+            verb, arg = line[:sp], line[sp + 1:]
+        # only ASCII command words: str.upper() maps a dotless i (U+0131) to I
+        verb = verb.upper() if verb.isascii() else ""
         if self._mode == _REJECTED and verb != "QUIT":
             self._send(R.bad_sequence)
             return None
@@ -726,7 +725,8 @@ class ServerConnection:
         if not arg.strip():
             self._error(Reply("501", "5.5.4 Syntax: VRFY address"))
             return
-        self._send(Reply("252", "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"))
+        self._send(Reply(
+            "252", "2.5.0 Cannot VRFY user, but will accept message and attempt delivery"))
 
     def _cmd_expn(self, arg: str) -> None:
         self._send(R.not_implemented)
