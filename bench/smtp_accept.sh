@@ -33,6 +33,8 @@
 #   SMTPEDGE_CMD: replaces "python bench/slimta_sink.py" in the SmtpEdge
 #             rows (it gets the same "--port N --uvloop|--no-uvloop"); only
 #             for trying this script with a stand-in server
+#   AIOSMTPD_PORT [2502]  EDGE_PORT [2510]: when one is in use, a free
+#             port is picked instead
 #   PIN, SERVER_CPUS [1], CLIENT_CPUS [0], RUN_TIMEOUT, N_*, WARMUP_MSGS:
 #             passed to the shared harness
 set -uo pipefail
@@ -52,8 +54,8 @@ export RESULTS_TSV=$RESULTS_DIR/results.tsv
 PYTHON=${PYTHON:-python3}
 EDGE_SCALE_1K=${EDGE_SCALE_1K:-3}
 EDGE_SCALE_100K=${EDGE_SCALE_100K:-8}
-AIOSMTPD_PORT=2502
-EDGE_PORT=2510
+AIOSMTPD_PORT=${AIOSMTPD_PORT:-2502}
+EDGE_PORT=${EDGE_PORT:-2510}
 
 export N_S20_1K_KEEP=${N_S20_1K_KEEP:-20000} N_S20_1K_CONN=${N_S20_1K_CONN:-10000}
 export N_S20_100K_KEEP=${N_S20_100K_KEEP:-3000} N_S1_1K_KEEP=${N_S1_1K_KEEP:-5000}
@@ -93,6 +95,18 @@ fi
 # SmtpEdge runs from this checkout, whatever slimta is installed
 EDGE_ENV="PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 has_module "$PYTHON" uvloop && EDGE_DEFAULT=SmtpEdge+uvloop || EDGE_DEFAULT=SmtpEdge+asyncio
+
+# a port that nothing listens on: the one asked for, else one the kernel picks
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    if ! port_busy "$1"; then echo "$1"; return; fi
+    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+for var in AIOSMTPD_PORT EDGE_PORT; do
+    want=${!var}
+    printf -v "$var" '%s' "$(free_port "$want")"
+    [ "${!var}" = "$want" ] || say "port $want is in use; $var=${!var} instead"
+done
 
 # ---- results directory ---------------------------------------------------------
 mkdir -p "$RESULTS_DIR"
