@@ -263,22 +263,6 @@ class ServerConnection:
         self._mail_values_pending: dict = {}
         self._rcpt_values: dict = {}
         self._ehlo_cache: dict[bool, list[str]] = {}
-        self._commands = {
-            "EHLO": self._cmd_ehlo,
-            "HELO": self._cmd_helo,
-            "MAIL": self._cmd_mail,
-            "RCPT": self._cmd_rcpt,
-            "DATA": self._cmd_data,
-            "BDAT": self._cmd_bdat,
-            "RSET": self._cmd_rset,
-            "NOOP": self._cmd_noop,
-            "QUIT": self._cmd_quit,
-            "VRFY": self._cmd_vrfy,
-            "EXPN": self._cmd_expn,
-            "HELP": self._cmd_help,
-            "STARTTLS": self._cmd_starttls,
-            "AUTH": self._cmd_auth,
-        }
 
     # ------------------------------------------------------------------
     # the caller's side
@@ -539,11 +523,11 @@ class ServerConnection:
         if self._mode == _REJECTED and verb != "QUIT":
             self._send(R.bad_sequence)
             return None
-        handler = self._commands.get(verb)
+        handler = _COMMANDS.get(verb)
         if handler is None:
             self._error(R.syntax_error)
             return None
-        return handler(arg)
+        return handler(self, arg)
 
     # ------------------------------------------------------------------
     # commands
@@ -851,6 +835,25 @@ class ServerConnection:
     def _reset_content(self) -> None:
         self._chunks = []
         self._bdat_size = 0
+
+
+# the handlers are looked up on the class, so a connection holds no cycle of bound methods
+_COMMANDS = {
+    "EHLO": ServerConnection._cmd_ehlo,
+    "HELO": ServerConnection._cmd_helo,
+    "MAIL": ServerConnection._cmd_mail,
+    "RCPT": ServerConnection._cmd_rcpt,
+    "DATA": ServerConnection._cmd_data,
+    "BDAT": ServerConnection._cmd_bdat,
+    "RSET": ServerConnection._cmd_rset,
+    "NOOP": ServerConnection._cmd_noop,
+    "QUIT": ServerConnection._cmd_quit,
+    "VRFY": ServerConnection._cmd_vrfy,
+    "EXPN": ServerConnection._cmd_expn,
+    "HELP": ServerConnection._cmd_help,
+    "STARTTLS": ServerConnection._cmd_starttls,
+    "AUTH": ServerConnection._cmd_auth,
+}
 
 
 class _Refuse(Exception):
