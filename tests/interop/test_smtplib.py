@@ -59,6 +59,15 @@ def ehlo(conn: RawSmtp, name: str = CLIENT):
     return reply
 
 
+def tls_session(conn: RawSmtp, context) -> RawSmtp:
+    """EHLO, STARTTLS, the handshake and EHLO again."""
+    ehlo(conn)
+    assert conn.cmd("STARTTLS").code == 220
+    conn.starttls(context)
+    ehlo(conn)
+    return conn
+
+
 def start_transaction(conn: RawSmtp, sender="a@example.com", rcpts=("b@example.com",)):
     ehlo(conn)
     assert conn.cmd(f"MAIL FROM:<{sender}>").code == 250
@@ -420,11 +429,7 @@ def test_cram_md5_check_secret_with_raw_exchange(raw, run_edge, server_tls_conte
                                                  client_tls_context):
     rec = Recorder()
     edge = run_edge(context=server_tls_context, auth=True, validator_class=auth_validators(rec))
-    conn = raw(edge)
-    ehlo(conn)
-    assert conn.cmd("STARTTLS").code == 220
-    conn.starttls(client_tls_context)
-    ehlo(conn)
+    conn = tls_session(raw(edge), client_tls_context)
     challenge = conn.cmd("AUTH CRAM-MD5")
     assert challenge.code == 334, challenge
     nonce = base64.b64decode(challenge.text)
@@ -451,11 +456,7 @@ def test_auth_plain_authzid_reaches_validator(raw, run_edge, server_tls_context,
                                               client_tls_context):
     rec = Recorder()
     edge = run_edge(context=server_tls_context, auth=True, validator_class=auth_validators(rec))
-    conn = raw(edge)
-    ehlo(conn)
-    assert conn.cmd("STARTTLS").code == 220
-    conn.starttls(client_tls_context)
-    ehlo(conn)
+    conn = tls_session(raw(edge), client_tls_context)
     assert conn.cmd("AUTH PLAIN " + auth_plain(authzid="admin")).code == 235
     assert rec.of("auth") == [("user", "admin", True)]
 
@@ -478,11 +479,7 @@ def test_repeated_auth_failures_close_with_421(raw, run_edge, server_tls_context
                                                client_tls_context):
     edge = run_edge(context=server_tls_context, auth=True, max_auth_failures=3,
                     validator_class=auth_validators())
-    conn = raw(edge)
-    ehlo(conn)
-    assert conn.cmd("STARTTLS").code == 220
-    conn.starttls(client_tls_context)
-    ehlo(conn)
+    conn = tls_session(raw(edge), client_tls_context)
     replies = []
     for _ in range(6):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+from chunking import split_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,14 +38,6 @@ def feed_chunks(reader, chunks, prefix=b""):
     return None
 
 
-def split_at(data: bytes, cuts) -> list[bytes]:
-    points = sorted({c for c in cuts if 0 < c < len(data)})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
 
 
 def outcome(reader):

@@ -12,6 +12,7 @@ import hmac
 import re
 
 import pytest
+from chunking import split_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1261,14 +1262,6 @@ def drive(chunks, **overrides):
     return rec.seen, b"".join(out), conn
 
 
-def split_at(data: bytes, cuts) -> list[bytes]:
-    points = sorted({c for c in cuts if 0 < c < len(data)})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
 
 
 _CRAM = hmac.new(b"pw", f"<{NONCE}@{HOST}>".encode(), "md5").hexdigest()

@@ -191,17 +191,8 @@ class SmtpSession(asyncio.Protocol):
         secure = transport.get_extra_info("ssl_object") is not None
         if secure:
             self.security = "TLS"
-        self.conn = ServerConnection(
-            edge.hostname,
-            max_size=edge.max_size,
-            max_recipients=edge.max_recipients,
-            max_bad_commands=edge.max_bad_commands,
-            max_auth_failures=edge.max_auth_failures,
-            tls=edge.context is not None and not secure,
-            secure=secure,
-            auth_mechanisms=edge.auth_mechanisms,
-            auth_require_tls=edge.auth_require_tls,
-        )
+        self.conn = ServerConnection(edge.hostname, tls=edge.context is not None and not secure,
+                                     secure=secure, **edge._session_options())
         if not edge._admit(self):
             transport.write(bytes(R.too_many_connections))
             transport.close()
@@ -612,6 +603,17 @@ class SmtpEdge(Edge):
         self._per_ip: dict[str, int] = {}
         self._all_closed: asyncio.Event | None = None
         self._background: set[asyncio.Future] = set()  # hooks nobody waits for
+
+    def _session_options(self) -> dict:
+        """What each ServerConnection is given (read at every connection, so changes apply)."""
+        return {
+            "max_size": self.max_size,
+            "max_recipients": self.max_recipients,
+            "max_bad_commands": self.max_bad_commands,
+            "max_auth_failures": self.max_auth_failures,
+            "auth_mechanisms": self.auth_mechanisms,
+            "auth_require_tls": self.auth_require_tls,
+        }
 
     @property
     def address(self) -> tuple:
