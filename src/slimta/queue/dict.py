@@ -1,0 +1,142 @@
+"""DictStorage: a queue storage in memory, for tests, proxies and edge-only processes.
+
+Nothing survives the process. Messages are kept in their stored form (the
+JSON metadata as text and the raw bytes, see :mod:`slimta.queue.record`), so
+``get`` always returns a new :class:`~slimta.envelope.Envelope`: changing it
+does not change the stored message, and an envelope that could not be stored
+durably (metadata that is not JSON) fails here just as with SqliteStorage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slimta.envelope import Envelope
+from slimta.queue.record import envelope_from_record, envelope_to_record
+from slimta.queue.storage import QueueEntry, QueueStorage, StoredMessage
+
+__all__ = ["DictStorage"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    meta: str  # JSON text
+    data: bytes
+    timestamp: float
+    created: float
+    sender: str | None
+    recipients: list[str]
+    attempts: int = 0
+    delivered: set[int] = field(default_factory=set)
+    last_reply: str | None = None
+    held: bool = False
+
+
+class DictStorage(QueueStorage):
+    """A :class:`~slimta.queue.storage.QueueStorage` in a dict; ids are uuid4 hex.
+
+    ``clock`` gives the creation time recorded for each message (default
+    :func:`time.time`). Operations on an id that is not stored raise
+    :class:`KeyError`, except :meth:`remove`, which returns False.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._messages: dict[str, _Entry] = {}
+
+    def _entry(self, id: str) -> _Entry:
+        try:
+            return self._messages[id]
+        except KeyError:
+            raise KeyError(id) from None
+
+    async def write(self, envelope: Envelope, timestamp: float) -> str:
+        meta, data = envelope_to_record(envelope)
+        id = uuid.uuid4().hex
+        self._messages[id] = _Entry(
+            meta=json.dumps(meta, separators=(",", ":")),
+            data=data,
+            timestamp=float(timestamp),
+            created=self._clock(),
+            sender=meta["sender"],
+            recipients=meta["recipients"],
+        )
+        return id
+
+    async def get(self, id: str) -> StoredMessage:
+        entry = self._entry(id)
+        return StoredMessage(
+            envelope=envelope_from_record(json.loads(entry.meta), entry.data),
+            attempts=entry.attempts,
+            delivered=set(entry.delivered),
+            timestamp=entry.timestamp,
+            last_reply=entry.last_reply,
+            held=entry.held,
+        )
+
+    async def set_timestamp(self, id: str, timestamp: float) -> None:
+        self._entry(id).timestamp = float(timestamp)
+
+    async def increment_attempts(self, id: str) -> int:
+        entry = self._entry(id)
+        entry.attempts += 1
+        return entry.attempts
+
+    async def set_recipients_delivered(self, id: str, indexes: list[int]) -> None:
+        self._entry(id).delivered.update(int(i) for i in indexes)
+
+    async def set_last_reply(self, id: str, reply: str | None) -> None:
+        self._entry(id).last_reply = reply
+
+    async def set_held(self, id: str, held: bool) -> None:
+        self._entry(id).held = bool(held)
+
+    async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
+                             last_reply: str | None) -> int:
+        entry = self._entry(id)
+        entry.delivered.update(int(i) for i in delivered)
+        entry.attempts += 1
+        entry.last_reply = last_reply
+        entry.timestamp = float(timestamp)
+        return entry.attempts
+
+    async def remove(self, id: str) -> bool:
+        return self._messages.pop(id, None) is not None
+
+    def _ordered(self) -> list[tuple[str, _Entry]]:
+        # sorted() is stable: equal times stay in the order they were written.
+        return sorted(self._messages.items(), key=lambda item: item[1].timestamp)
+
+    async def load(self) -> list[tuple[float, str]]:
+        return [(e.timestamp, id) for id, e in self._ordered() if not e.held]
+
+    async def list(self) -> list[QueueEntry]:
+        return [
+            QueueEntry(
+                id=id,
+                sender=e.sender if e.sender is not None else "",
+                recipients=[r for i, r in enumerate(e.recipients) if i not in e.delivered],
+                attempts=e.attempts,
+                next_attempt=e.timestamp,
+                last_reply=e.last_reply,
+                held=e.held,
+                size=len(e.data),
+                created=e.created,
+            )
+            for id, e in self._ordered()
+        ]
+
+    async def stats(self) -> dict:
+        entries = self._messages.values()
+        return {
+            "messages": len(self._messages),
+            "held": sum(1 for e in entries if e.held),
+            "recipients": sum(
+                sum(1 for i in range(len(e.recipients)) if i not in e.delivered) for e in entries
+            ),
+            "bytes": sum(len(e.data) for e in entries),
+        }
