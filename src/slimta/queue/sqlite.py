@@ -64,7 +64,7 @@ from slimta.queue.record import envelope_from_record, envelope_to_record
 from slimta.queue.storage import QueueEntry, QueueStorage, StoredMessage
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStorage",
-           "StorageVersionError"]
+           "StorageVersionError", "migrate"]
 
 #: ``PRAGMA application_id`` of a slimta queue file ("slQ1").
 APPLICATION_ID = 0x736C5131
