@@ -17,13 +17,16 @@ import itertools
 import logging
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from slimta.queue.storage import QueueEntry, QueueStorage, StoredMessage
 from slimta.relay import RelayError, TransientRelayError
 from slimta.service import Service
 from slimta.smtp.reply import Reply
 from slimta.util.clock import SystemClock
+
+# The submodule slimta.queue.dict (DictStorage) becomes the name "dict" in
+# this module's namespace once imported: never use the builtin dict here.
 
 __all__ = [
     "Queue",
@@ -302,7 +305,7 @@ class Queue(Service):
             log.exception("id=%s relay raised", qid)
             return [TransientRelayError(reply=Reply("450", "4.3.0 Internal error in relay"))] \
                 * len(pending)
-        if isinstance(result, dict):
+        if isinstance(result, Mapping):
             out = []
             for _, rcpt in pending:
                 if rcpt in result:
@@ -383,7 +386,7 @@ class Queue(Service):
     async def stats(self) -> dict:
         """The storage's counts plus what is being attempted now."""
         await self.started()
-        stats = dict(await self.store.stats())
+        stats = {**await self.store.stats()}
         stats["attempting"] = len(self._attempting)
         stats["scheduled"] = len(self._due)
         return stats
