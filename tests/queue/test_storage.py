@@ -346,27 +346,39 @@ async def test_sqlite_stores_raw_bytes_and_json_not_pickle(sqlite_storage, tmp_p
     assert delivered == "[]"
 
 
-def blocker() -> tuple[threading.Event, object]:
-    """An operation that keeps the writer busy (inside its transaction) until released."""
-    release = threading.Event()
+class Blocker:
+    """An operation that keeps the writer busy (inside its transaction) until released.
 
-    def op(conn):
-        assert release.wait(10)
+    ``await blocker.start(store)`` returns once the writer is inside it.
+    """
 
-    return release, op
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.done: asyncio.Future | None = None
+
+    def __call__(self, conn):
+        self.entered.set()
+        assert self.release.wait(10)
+
+    async def start(self, store: SqliteStorage, op=None) -> None:
+        self.done = store._write(op or self)
+        assert await asyncio.to_thread(self.entered.wait, 10)
+
+    async def finish(self) -> None:
+        self.release.set()
+        await self.done
 
 
 async def test_group_commit_batches_concurrent_writes(sqlite_storage):
     store = sqlite_storage
-    release, op = blocker()
-    busy = store._write(op)
-    await asyncio.sleep(0.05)  # the writer is inside that transaction now
+    blocker = Blocker()
+    await blocker.start(store)  # the writer is inside that transaction now
     before = store.commits
     writes = asyncio.gather(*(store.write(make_envelope(), float(n)) for n in range(50)))
-    await asyncio.sleep(0.05)
-    release.set()
+    await asyncio.sleep(0.05)  # every write is queued
+    await blocker.finish()
     ids = await writes
-    await busy
     # the blocked transaction, then all 50 writes together in one more
     assert store.commits - before == 2
     assert len(await store.load()) == 50 == len(set(ids))
@@ -377,12 +389,43 @@ async def test_group_commit_batches_concurrent_writes(sqlite_storage):
     assert store.commits - before < 25
 
 
+async def test_max_batch_bounds_a_transaction(tmp_path):
+    store = SqliteStorage(tmp_path / "q.db", max_batch=5)
+    await store.open()
+    try:
+        blocker = Blocker()
+        await blocker.start(store)
+        before = store.commits
+        writes = asyncio.gather(*(store.write(make_envelope(), 0.0) for _ in range(12)))
+        await asyncio.sleep(0.05)
+        await blocker.finish()
+        assert len(set(await writes)) == 12
+        assert store.commits - before == 1 + 3  # the blocker, then 5 + 5 + 2
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_write_may_still_be_stored_and_nothing_breaks(sqlite_storage):
+    store = sqlite_storage
+    blocker = Blocker()
+    await blocker.start(store)
+    task = asyncio.ensure_future(store.write(make_envelope(), 1.0))
+    await asyncio.sleep(0)
+    task.cancel()
+    await blocker.finish()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    qid = await store.write(make_envelope(), 2.0)
+    # at least once: the cancelled caller's message was committed all the same
+    assert [ts for ts, _ in await store.load()] == [1.0, 2.0]
+    assert (await store.load())[1] == (2.0, qid)
+
+
 async def test_one_failing_operation_fails_alone(sqlite_storage):
     store = sqlite_storage
     existing = await store.write(make_envelope(), 1.0)
-    release, op = blocker()
-    busy = store._write(op)
-    await asyncio.sleep(0.05)
+    blocker = Blocker()
+    await blocker.start(store)
     before = store.commits
 
     def half_done_then_fails(conn):
@@ -400,8 +443,7 @@ async def test_one_failing_operation_fails_alone(sqlite_storage):
     attempts = asyncio.ensure_future(store.increment_attempts(existing))
     last = asyncio.ensure_future(store.write(make_envelope(), 3.0))
     await asyncio.sleep(0.05)
-    release.set()
-    await busy
+    await blocker.finish()
     results = await asyncio.gather(first, failing, missing, duplicate, attempts, last,
                                    return_exceptions=True)
     assert store.commits - before == 2  # the blocker's transaction, then one for all six
@@ -417,9 +459,8 @@ async def test_one_failing_operation_fails_alone(sqlite_storage):
 async def test_a_lost_transaction_fails_every_operation_in_it(sqlite_storage):
     """When SQLite rolls the whole transaction back, nobody may hear 'done'."""
     store = sqlite_storage
-    release, op = blocker()
-    busy = store._write(op)
-    await asyncio.sleep(0.05)
+    blocker = Blocker()
+    await blocker.start(store)
 
     def transaction_lost(conn):
         conn.execute("ROLLBACK")  # what SQLite does itself on SQLITE_FULL or an I/O error
@@ -430,8 +471,7 @@ async def test_a_lost_transaction_fails_every_operation_in_it(sqlite_storage):
     lost = store._write(transaction_lost)
     after = asyncio.ensure_future(store.write(make_envelope(), 2.0))
     await asyncio.sleep(0.05)
-    release.set()
-    await busy
+    await blocker.finish()
     results = await asyncio.gather(first, lost, after, return_exceptions=True)
     assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
     assert store.commits - before == 1  # the blocker's transaction only
@@ -444,22 +484,20 @@ async def test_a_lost_transaction_fails_every_operation_in_it(sqlite_storage):
 async def test_readers_are_not_blocked_by_the_writer(sqlite_storage):
     store = sqlite_storage
     qid = await store.write(make_envelope(), 1.0)
-    release, op = blocker()
+    blocker = Blocker()
 
     def hold_write_lock(conn):
         conn.execute("UPDATE messages SET attempts = 7 WHERE id = ?", (qid,))
-        op(conn)
+        blocker(conn)
 
-    busy = store._write(hold_write_lock)
-    await asyncio.sleep(0.05)
+    await blocker.start(store, hold_write_lock)
     try:
         stored = await asyncio.wait_for(store.get(qid), 2)
         assert stored.attempts == 0  # the uncommitted change is not seen
         assert await asyncio.wait_for(store.load(), 2) == [(1.0, qid)]
         assert len(await asyncio.wait_for(store.list(), 2)) == 1
     finally:
-        release.set()
-        await busy
+        await blocker.finish()
     assert (await store.get(qid)).attempts == 7
 
 
