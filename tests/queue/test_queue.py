@@ -345,3 +345,28 @@ def test_default_backoff_is_postfix_like():
     assert all(d <= 3600 * 1.1 for d in delays)
     env.timestamp = clock.time() - 5 * 86400
     assert backoff(env, 50) is None
+
+
+async def test_message_deleted_during_its_attempt_is_not_rescheduled(clock, storage_factory):
+    gate = asyncio.Event()
+    calls = []
+
+    class WaitingRelay(Relay):
+        async def _attempt(self, envelope, attempts):
+            calls.append(attempts)
+            await gate.wait()
+            raise TransientRelayError()
+
+    queue = await started(Queue(storage_factory(), WaitingRelay(), clock=clock,
+                                backoff=no_jitter(clock)))
+    [(_, qid)] = await queue.enqueue(make_envelope())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await queue.delete(qid) is True
+    gate.set()
+    await queue.join()
+    await clock.advance(100_000)
+    await queue.join()
+    assert calls == [0]
+    assert await queue.list() == []
+    await queue.stop()

@@ -246,6 +246,8 @@ class Queue(Service):
             return
         try:
             await self._deliver(qid, stored)
+        except KeyError:
+            log.info("id=%s was deleted during its attempt", qid)
         except Exception:
             # never lose the message to a bug here: try again later
             log.exception("id=%s attempt failed unexpectedly; retrying later", qid)
