@@ -1,0 +1,1 @@
+"""Delivery over SMTP and LMTP: sessions, connection pools, static and MX relays."""
