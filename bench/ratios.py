@@ -1,34 +1,58 @@
 #!/usr/bin/env python3
 """Ratios of accept rates against a baseline server, from smtp_accept.sh results.
 
-    python3 bench/ratios.py RESULTS_TSV [--baseline aiosmtpd] [--check]
+    python3 bench/ratios.py RESULTS_TSV [--baseline NAME ...] [--check]
 
-For each scenario and each server other than the baseline: the median
-msgs/s of its successful runs (rc 0) divided by the baseline's median in the
-same file. Servers whose name starts with ``SmtpEdge`` are held to the
-targets below; ``--check`` makes the exit status 1 when a target is missed
-or cannot be computed. Prints a markdown table. Stdlib only.
+For each baseline, each scenario and each other server: the median msgs/s of
+its successful runs (rc 0) divided by the baseline's median in the same
+file. The targets depend on the pair (subject, baseline), see ``COMPARISONS``:
+
+- ``SmtpEdge*`` rows (the edge alone, messages dropped) against ``aiosmtpd``;
+- ``SmtpEdge+sqlite*`` rows (the edge storing every message durably in
+  SqliteStorage) against ``postfix-hold`` (Postfix queueing on hold).
+
+Without ``--baseline``, one table for each baseline of ``COMPARISONS`` that
+has rows in the file (if none has: for each whose subjects have rows, so the
+table says what is missing; else ``aiosmtpd``). Other rows are listed
+without a target. ``--check`` makes the exit status 1 when a target is
+missed or cannot be computed. Prints markdown. Stdlib only.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import statistics
 import sys
+from dataclasses import dataclass
 
-# scenario -> the least SmtpEdge / baseline ratio that meets the target
-TARGETS = {
-    "s20_1k_keep": 2.5,
-    "s20_100k_keep": 8.0,
-}
+
+@dataclass(frozen=True)
+class Comparison:
+    """Which rows are held to which targets against one baseline."""
+
+    baseline: str
+    subject: str  # a regular expression that a held row's whole name matches
+    label: str  # how the subjects are named in messages
+    targets: dict[str, float]  # scenario -> least subject / baseline ratio
+
+
+COMPARISONS = (
+    # The edge alone (bench/slimta_sink.py) against aiosmtpd.
+    Comparison("aiosmtpd", r"SmtpEdge(?!\+sqlite).*", "SmtpEdge*",
+               {"s20_1k_keep": 2.5, "s20_100k_keep": 8.0}),
+    # Edge + Queue + SqliteStorage, fsync on (bench/queue_sink.py), against
+    # Postfix with its queue on hold (one fsync per message).
+    Comparison("postfix-hold", r"SmtpEdge\+sqlite.*", "SmtpEdge+sqlite*",
+               {"s20_1k_keep": 2.0, "s20_100k_keep": 1.5}),
+)
 TITLES = {
     "s20_1k_keep": "1 KB, 20 sessions, kept alive",
     "s20_1k_conn": "1 KB, 20 sessions, 1 msg/conn",
     "s20_100k_keep": "100 KB, 20 sessions, kept alive",
     "s1_1k_keep": "1 KB, 1 session, kept alive",
 }
-SUBJECT_PREFIX = "SmtpEdge"
 
 
 Key = tuple[str, str]  # (server, scenario)
@@ -61,9 +85,22 @@ def read_rates(path: str) -> tuple[dict[Key, list[float]], dict[Key, int], list[
     return rates, counts, servers, scenarios
 
 
+def comparison_for(baseline: str) -> Comparison | None:
+    for comp in COMPARISONS:
+        if comp.baseline == baseline:
+            return comp
+    return None
+
+
 def ratio_table(path: str, baseline: str) -> tuple[list[str], bool]:
-    """Markdown lines, and whether every target was met."""
+    """Markdown lines, and whether every target of this baseline was met."""
     rates, counts, servers, scenarios = read_rates(path)
+    comp = comparison_for(baseline)
+    targets = comp.targets if comp else {}
+
+    def held(server: str) -> bool:
+        return comp is not None and re.fullmatch(comp.subject, server) is not None
+
     lines = [
         f"Ratio of median msgs/s to {baseline} (same run; runs that failed are left out):",
         "",
@@ -75,21 +112,21 @@ def ratio_table(path: str, baseline: str) -> tuple[list[str], bool]:
     if baseline not in servers:
         lines.append(f"| - | - | - | no {baseline} rows | - | - | no |")
         return lines, False
-    if not any(s.startswith(SUBJECT_PREFIX) for s in subjects):
+    if comp is not None and not any(held(s) for s in subjects):
         all_met = False
-        lines.append(f"| - | no {SUBJECT_PREFIX}* rows | - | - | - | - | no |")
+        lines.append(f"| - | no {comp.label} rows | - | - | - | - | no |")
     for scenario in scenarios:
         base_runs = rates.get((baseline, scenario), [])
         base = statistics.median(base_runs) if base_runs else None
-        target = TARGETS.get(scenario)
+        target = targets.get(scenario)
         for server in subjects:
             runs = rates.get((server, scenario))
             if runs is None:
                 continue
             med = statistics.median(runs) if runs else None
             ratio = med / base if (med is not None and base) else None
-            held = target is not None and server.startswith(SUBJECT_PREFIX)
-            if not held:
+            is_held = target is not None and held(server)
+            if not is_held:
                 verdict = "-"
             elif ratio is None:
                 verdict = "no data"
@@ -106,11 +143,25 @@ def ratio_table(path: str, baseline: str) -> tuple[list[str], bool]:
                     _rate(med, runs, counts[server, scenario]),
                     _rate(base, base_runs, counts.get((baseline, scenario), 0)),
                     f"{ratio:.2f}x" if ratio is not None else "n/a",
-                    f">= {target:g}x" if held else "-",
+                    f">= {target:g}x" if is_held else "-",
                     verdict,
                 )
             )
     return lines, all_met
+
+
+def default_baselines(path: str) -> list[str]:
+    """The baselines of COMPARISONS that have rows in the file.
+
+    When none has, those whose subjects have rows (so the table says the
+    baseline is missing), else the first one.
+    """
+    _, _, servers, _ = read_rates(path)
+    found = [c.baseline for c in COMPARISONS if c.baseline in servers]
+    if not found:
+        found = [c.baseline for c in COMPARISONS
+                 if any(re.fullmatch(c.subject, s) for s in servers)]
+    return found or [COMPARISONS[0].baseline]
 
 
 def _rate(median: float | None, runs: list[float], total: int) -> str:
@@ -125,13 +176,25 @@ def _rate(median: float | None, runs: list[float], total: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results_tsv")
-    ap.add_argument("--baseline", default="aiosmtpd")
     ap.add_argument(
-        "--check", action="store_true", help="exit 1 unless every SmtpEdge target is met"
+        "--baseline", action="append", default=None,
+        help="the row to divide by (repeatable); default: every known baseline in the file "
+        f"({', '.join(c.baseline for c in COMPARISONS)})",
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 unless every target shown is met"
     )
     args = ap.parse_args(argv)
-    lines, all_met = ratio_table(args.results_tsv, args.baseline)
-    print("\n".join(lines))
+    baselines = args.baseline or default_baselines(args.results_tsv)
+    all_met = True
+    out: list[str] = []
+    for baseline in baselines:
+        lines, met = ratio_table(args.results_tsv, baseline)
+        all_met = all_met and met
+        if out:
+            out.append("")
+        out.extend(lines)
+    print("\n".join(out))
     if args.check and not all_met:
         print("\nratios: at least one target was missed or could not be computed")
         return 1

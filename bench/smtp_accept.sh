@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # bench/smtp_accept.sh - SMTP accept rate of slimta's SmtpEdge against
-# aiosmtpd, in one run, on loopback, with Postfix's smtp-source as the client.
+# aiosmtpd, and of SmtpEdge storing into a durable SQLite queue against a
+# Postfix that only queues, in one run, on loopback, with Postfix's
+# smtp-source as the client.
 #
 #   bash bench/smtp_accept.sh
 #   SCENARIOS="s20_1k_keep" RUNS=5 bash bench/smtp_accept.sh
 #   SERVERS="aiosmtpd aiosmtpd+uvloop SmtpEdge+uvloop SmtpEdge+asyncio" bash bench/smtp_accept.sh
+#   SERVERS="postfix-hold SmtpEdge+sqlite" bash bench/smtp_accept.sh
 #
 # Each server is measured by the shared harness ../shared/bench/smtp_accept.sh
 # (seen from the repository root): server pinned to CPU 1, smtp-source to
 # CPU 0, one swaks check, a warm-up, then $RUNS timed runs per scenario.
 # Afterwards this prints the harness's summary tables and bench/ratios.py's
-# table of SmtpEdge / aiosmtpd ratios of the medians.
+# tables of ratios of the medians: SmtpEdge / aiosmtpd and
+# SmtpEdge+sqlite / postfix-hold (for the baselines that were measured).
 #
 # Environment (defaults in brackets):
 #   SERVERS   ["aiosmtpd SmtpEdge"]; known rows: aiosmtpd, aiosmtpd+uvloop,
 #             SmtpEdge (= SmtpEdge+uvloop when uvloop imports, else
-#             SmtpEdge+asyncio), SmtpEdge+uvloop, SmtpEdge+asyncio
+#             SmtpEdge+asyncio), SmtpEdge+uvloop, SmtpEdge+asyncio;
+#             postfix-hold (the shared postfix_instance.sh, PF_MODE=hold:
+#             every message fsynced into Postfix's queue and held),
+#             SmtpEdge+sqlite (bench/queue_sink.py: SmtpEdge + Queue without
+#             relay + SqliteStorage, synchronous=FULL; its default loop),
+#             SmtpEdge+sqlite+asyncio (the same with --no-uvloop)
 #   SCENARIOS ["s20_1k_keep s20_100k_keep"]   (the harness also knows
 #             s20_1k_conn and s1_1k_keep)
 #   RUNS [3]   RESULTS_DIR [/tmp/slimta-bench]   KEEP_RESULTS [0]: 1 appends
@@ -24,17 +33,27 @@
 #             sys.path) and aiosmtpd when it can import aiosmtpd
 #   AIOSMTPD_PYTHON: the Python for aiosmtpd [PYTHON if it has aiosmtpd,
 #             else /tmp/benchvenv/bin/python from the shared setup.sh]
-#   EDGE_SCALE_1K [3]  EDGE_SCALE_100K [8]: SmtpEdge rows send this many
-#             times more messages per run than aiosmtpd (20,000 x 3 of 1 KB,
-#             3,000 x 8 of 100 KB), so that their runs last seconds too;
-#             rates are per second either way
+#   EDGE_SCALE_1K [3]  EDGE_SCALE_100K [8]: SmtpEdge+uvloop/+asyncio
+#             rows send this many times more messages per run than aiosmtpd
+#             (20,000 x 3 of 1 KB, 3,000 x 8 of 100 KB), so that their runs
+#             last seconds too; rates are per second either way. The
+#             SmtpEdge+sqlite rows send the same counts as postfix-hold
+#             (the database holds at most one run: 3,000 x 100 KB)
+#   QUEUE_DB [$RESULTS_DIR/queue/queue.db]: the SmtpEdge+sqlite database,
+#             removed before and after its row; before each timed run
+#             (untimed, like Postfix's reset) "queue_sink.py --reset"
+#             deletes every stored message and truncates the WAL (and
+#             makes the sink log its commit batch sizes for the run before)
+#   PF_ROOT [/tmp/pfbench]: the private Postfix instance (set up by
+#             postfix_instance.sh; needs root)
 #   SHARED_BENCH [../shared/bench]   CHECK_TARGETS [0]: 1 makes the exit
 #             status 1 when a target ratio is missed
 #   SMTPEDGE_CMD: replaces "python bench/slimta_sink.py" in the SmtpEdge
 #             rows (it gets the same "--port N --uvloop|--no-uvloop"); only
 #             for trying this script with a stand-in server
-#   AIOSMTPD_PORT [2502]  EDGE_PORT [2510]: when one is in use, a free
-#             port is picked instead
+#   AIOSMTPD_PORT [2502]  EDGE_PORT [2510]  PF_PORT [2504]
+#             QUEUE_PORT [2511]: when one is in use, a free port is picked
+#             instead
 #   PIN, SERVER_CPUS [1], CLIENT_CPUS [0], RUN_TIMEOUT, N_*, WARMUP_MSGS:
 #             passed to the shared harness
 set -uo pipefail
@@ -56,6 +75,10 @@ EDGE_SCALE_1K=${EDGE_SCALE_1K:-3}
 EDGE_SCALE_100K=${EDGE_SCALE_100K:-8}
 AIOSMTPD_PORT=${AIOSMTPD_PORT:-2502}
 EDGE_PORT=${EDGE_PORT:-2510}
+PF_PORT=${PF_PORT:-2504}
+QUEUE_PORT=${QUEUE_PORT:-2511}
+QUEUE_DB=${QUEUE_DB:-$RESULTS_DIR/queue/queue.db}
+PFI=$SHARED_BENCH/servers/postfix_instance.sh
 
 export N_S20_1K_KEEP=${N_S20_1K_KEEP:-20000} N_S20_1K_CONN=${N_S20_1K_CONN:-10000}
 export N_S20_100K_KEEP=${N_S20_100K_KEEP:-3000} N_S1_1K_KEEP=${N_S1_1K_KEEP:-5000}
@@ -102,11 +125,12 @@ free_port() {
     if ! port_busy "$1"; then echo "$1"; return; fi
     "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
-for var in AIOSMTPD_PORT EDGE_PORT; do
+for var in AIOSMTPD_PORT EDGE_PORT PF_PORT QUEUE_PORT; do
     want=${!var}
     printf -v "$var" '%s' "$(free_port "$want")"
     [ "${!var}" = "$want" ] || say "port $want is in use; $var=${!var} instead"
 done
+export PF_PORT PF_ROOT=${PF_ROOT:-/tmp/pfbench}  # read by postfix_instance.sh
 
 # ---- results directory ---------------------------------------------------------
 mkdir -p "$RESULTS_DIR"
@@ -142,6 +166,7 @@ print(f"{sys.argv[1]}: Python {sys.version.split()[0]}; " + ", ".join(found))
 EOF
     done
     echo "postfix (smtp-source): $(postconf -d -h mail_version 2>/dev/null || echo '?')"
+    echo "sqlite (for SmtpEdge+sqlite): $("$PYTHON" -c 'import sqlite3; print(sqlite3.sqlite_version)')"
     echo "scenarios: $SCENARIOS; runs: $RUNS"
 } > "$RESULTS_DIR/env.txt"
 cat "$RESULTS_DIR/env.txt" >&2
@@ -167,6 +192,18 @@ edge_cmd() {  # $1 = extra sink option
     fi
 }
 
+queue_cmd() {  # $1 = extra sink option
+    printf 'exec env %q %q %q --port %s --db %q --pidfile %q %s' "$EDGE_ENV" "$PYTHON" \
+        "$HERE/queue_sink.py" "$QUEUE_PORT" "$QUEUE_DB" "$QUEUE_DB.pid" "$1"
+}
+
+queue_reset_cmd() {  # $1 = log file (the harness discards the reset's output)
+    printf 'env %q %q %q --reset --db %q --pidfile %q >> %q 2>&1' "$EDGE_ENV" "$PYTHON" \
+        "$HERE/queue_sink.py" "$QUEUE_DB" "$QUEUE_DB.pid" "$1"
+}
+
+remove_queue_db() { rm -f "$QUEUE_DB" "$QUEUE_DB-wal" "$QUEUE_DB-shm" "$QUEUE_DB-journal"; }
+
 aiosmtpd_cmd() {  # $1 = extra sink option
     printf 'exec %q %q --port %s %s' "$AIOSMTPD_PYTHON" \
         "$SHARED_BENCH/servers/aiosmtpd_sink.py" "$AIOSMTPD_PORT" "$1"
@@ -188,6 +225,23 @@ for s in $SERVERS; do
             edge_accept -n "$s" "$(edge_cmd --uvloop)" "$EDGE_PORT" ;;
         SmtpEdge+asyncio)
             edge_accept -n "$s" "$(edge_cmd --no-uvloop)" "$EDGE_PORT" ;;
+        postfix-hold)
+            # as ../shared/bench/run_all.sh runs it; "start" (re)writes the
+            # instance's configuration and empties its queue each time
+            pfi=$(printf %q "$PFI")
+            [ -f "$PF_ROOT/etc/main.cf" ] || PF_MODE=hold "$PFI" setup >&2 \
+                || { say "postfix_instance.sh setup failed (root needed)"; failed=1; continue; }
+            accept -n "$s" -k "$pfi stop" -r "$pfi reset" "PF_MODE=hold $pfi start" "$PF_PORT" ;;
+        SmtpEdge+sqlite|SmtpEdge+sqlite+asyncio)
+            opt=; [ "$s" = SmtpEdge+sqlite+asyncio ] && opt=--no-uvloop
+            mkdir -p "$(dirname "$QUEUE_DB")"
+            remove_queue_db
+            reset_log=$RESULTS_DIR/$(printf '%s' "$s" | tr -c 'A-Za-z0-9._-' '_').reset.log
+            rm -f "$reset_log"
+            accept -n "$s" -r "$(queue_reset_cmd "$reset_log")" "$(queue_cmd "$opt")" "$QUEUE_PORT"
+            rc=$?
+            remove_queue_db
+            (exit "$rc") ;;
         *)
             say "unknown server $s"; failed=1; continue ;;
     esac
@@ -202,7 +256,7 @@ done
 [ -s "$RESULTS_TSV" ] || die "no results in $RESULTS_TSV"
 python3 "$SUMMARIZE" "$RESULTS_TSV" > "$RESULTS_DIR/summary.md"
 check=; [ "${CHECK_TARGETS:-0}" = 1 ] && check=--check
-python3 "$HERE/ratios.py" "$RESULTS_TSV" --baseline aiosmtpd $check > "$RESULTS_DIR/ratios.md"
+python3 "$HERE/ratios.py" "$RESULTS_TSV" $check > "$RESULTS_DIR/ratios.md"
 ratios_rc=$?
 echo
 cat "$RESULTS_DIR/env.txt"
