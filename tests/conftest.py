@@ -174,3 +174,16 @@ def require_tool(name: str) -> str:
 def tool():
     """``tool(name)`` is ``require_tool(name)``: for test modules that cannot import conftest."""
     return require_tool
+
+
+@pytest.fixture
+def dnsmasq():
+    """``dnsmasq(records)`` starts dnsmasq on 127.0.0.1 with those options: a DnsServer.
+
+    See tests/dnsmasq.py. Stopped at teardown; ``server.install()`` makes it the
+    process-wide resolver until then.
+    """
+    from dnsmasq import DnsmasqFactory
+
+    with DnsmasqFactory() as start:
+        yield start
