@@ -1,12 +1,14 @@
 """SASL for SMTP AUTH (RFC 4954), sans-IO: PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195).
 
-The server side is :class:`AuthExchange`: one AUTH attempt, fed the client's
+Both sides are here. The client side is :class:`ClientAuth` (PLAIN, LOGIN,
+CRAM-MD5 and XOAUTH2), used by :class:`slimta.smtp.client.ClientConnection`;
+the server side is :class:`AuthExchange`: one AUTH attempt, fed the client's
 lines and answering with the step to take. Challenges come back in clear
 text with their base64 form ready (:attr:`Challenge.encoded`). It keeps no
 clock and draws no random numbers: the CRAM-MD5 nonce comes from the caller. The result is a
 :class:`Credentials` that can check a secret for every mechanism, so a
-validator never needs to know which mechanism was used. A client side will
-sit next to it (mechanisms are small generators, one per side).
+validator never needs to know which mechanism was used. Mechanisms are small
+generators, one per side.
 
 A typical server loop::
 
@@ -27,12 +29,14 @@ import re
 from collections.abc import Generator
 
 __all__ = [
+    "CLIENT_MECHANISMS",
     "PLAINTEXT_MECHANISMS",
     "SERVER_MECHANISMS",
     "AuthExchange",
     "AuthStep",
     "Cancelled",
     "Challenge",
+    "ClientAuth",
     "Credentials",
     "Done",
     "Malformed",
@@ -335,3 +339,143 @@ class AuthExchange:
 
     def __repr__(self) -> str:
         return f"AuthExchange({self.mechanism!r}, finished={self.finished})"
+
+
+# --- the client side ------------------------------------------------------
+#
+# A client mechanism is a generator: its first value is the initial response
+# to send on the AUTH line (None for none); each challenge the server sends
+# (decoded from base64) is sent into it and it yields the response. When it
+# returns instead, it has nothing more to say and the client cancels ("*").
+
+#: The mechanisms :class:`ClientAuth` implements.
+CLIENT_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2")
+
+_ClientMechanism = Generator[bytes | None, bytes, None]
+
+
+def _client_plain(authcid: bytes, secret: bytes, authzid: bytes) -> _ClientMechanism:
+    # RFC 4616: [authzid] NUL authcid NUL passwd, as the initial response
+    # (RFC 4954 §4), so no 334 round trip is needed.
+    yield authzid + b"\x00" + authcid + b"\x00" + secret
+
+
+def _client_login(authcid: bytes, secret: bytes, authzid: bytes) -> _ClientMechanism:
+    # The non-standard LOGIN: the first challenge asks for the user name, the
+    # second for the password. The challenge texts vary ("Username:", "User
+    # Name"), so only their order is relied on.
+    yield None
+    yield authcid
+    yield secret
+
+
+def _client_cram_md5(authcid: bytes, secret: bytes, authzid: bytes) -> _ClientMechanism:
+    # RFC 2195: user SP lower-case hex HMAC-MD5(secret, challenge)
+    challenge = yield None
+    digest = hmac.new(secret, challenge, "md5").hexdigest()
+    yield authcid + b" " + digest.encode("ascii")
+
+
+def _client_xoauth2(authcid: bytes, secret: bytes, authzid: bytes) -> _ClientMechanism:
+    # Google's XOAUTH2: "user=" authcid ^A "auth=Bearer " token ^A ^A. On
+    # failure the server sends a 334 with an error in JSON; the client answers
+    # with an empty line and the server then sends the final error reply.
+    yield b"user=" + authcid + b"\x01auth=Bearer " + secret + b"\x01\x01"
+    yield b""
+
+
+_CLIENT = {
+    "PLAIN": _client_plain,
+    "LOGIN": _client_login,
+    "CRAM-MD5": _client_cram_md5,
+    "XOAUTH2": _client_xoauth2,
+}
+
+
+class ClientAuth:
+    """The client side of one AUTH attempt, without I/O.
+
+    ``ClientAuth(mechanism, authcid, secret, authzid=None)``: ``mechanism``
+    is one of :data:`CLIENT_MECHANISMS` (any case; ValueError otherwise);
+    ``authcid`` is the user name; ``secret`` the password, or for XOAUTH2
+    the OAuth 2.0 bearer token; ``authzid`` the identity to act as, which
+    only PLAIN can carry (ValueError for the others). Characters a mechanism
+    uses as separators (NUL for PLAIN, ^A for XOAUTH2) and line breaks are
+    refused with ValueError.
+
+    :meth:`command` gives the AUTH line to send (``'AUTH PLAIN AGEAYg=='``,
+    without CRLF); then each ``334`` reply's text goes to :meth:`respond`,
+    which gives the line to answer with. Neither the secret nor the lines
+    appear in ``repr``.
+    """
+
+    __slots__ = ("_gen", "_initial", "finished", "mechanism")
+
+    def __init__(
+        self,
+        mechanism: str,
+        authcid: str,
+        secret: str | bytes,
+        authzid: str | None = None,
+    ) -> None:
+        mech = mechanism.upper()
+        if mech not in _CLIENT:
+            raise ValueError(f"unsupported SASL mechanism: {mechanism!r}")
+        if authzid and mech != "PLAIN":
+            raise ValueError(f"{mech} cannot carry an authorization identity")
+        user = _utf8(authcid)
+        key = _utf8(secret)
+        zid = _utf8(authzid or "")
+        if not user:
+            raise ValueError("empty user name")
+        for value in (user, key, zid):
+            if b"\x00" in value or b"\r" in value or b"\n" in value or (
+                    mech == "XOAUTH2" and b"\x01" in value):
+                raise ValueError("a separator or line break in the credentials")
+        self.mechanism = mech
+        #: True once :meth:`respond` has cancelled (answered ``'*'``)
+        self.finished = False
+        self._gen: _ClientMechanism | None = _CLIENT[mech](user, key, zid)
+        self._initial = next(self._gen)
+
+    @property
+    def initial_response(self) -> str | None:
+        """The base64 initial response for the AUTH line (``'='`` if empty), or None."""
+        if self._initial is None:
+            return None
+        return base64.b64encode(self._initial).decode("ascii") or "="
+
+    def command(self) -> str:
+        """The AUTH command line, without CRLF."""
+        initial = self.initial_response
+        return f"AUTH {self.mechanism}" if initial is None else f"AUTH {self.mechanism} {initial}"
+
+    def respond(self, challenge: str) -> str:
+        """The line (without CRLF) that answers a ``334 challenge``.
+
+        ``challenge`` is the reply text after ``334`` (base64; empty is an
+        empty challenge). The answer is base64, possibly empty (an empty
+        line), or ``'*'`` to cancel the exchange: when the challenge is not
+        base64 or the mechanism has already said all it has to say.
+        """
+        gen = self._gen
+        if gen is None:
+            return "*"
+        try:
+            response = gen.send(_b64decode(challenge))
+        except (_Bad, StopIteration):
+            self._cancel()
+            return "*"
+        if response is None:  # pragma: no cover - mechanisms yield None only first
+            self._cancel()
+            return "*"
+        return base64.b64encode(response).decode("ascii")
+
+    def _cancel(self) -> None:
+        self.finished = True
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def __repr__(self) -> str:
+        return f"ClientAuth({self.mechanism!r}, finished={self.finished})"
