@@ -10,13 +10,30 @@ scans, not a Python loop per line.
 
 :class:`ChunkReader` reads the exact octet count of one BDAT chunk (RFC 3030),
 which is binary-clean: no dot-stuffing and no line-ending rules.
+
+For the sending side, :func:`to_crlf` makes every line ending CRLF and
+:func:`fold_long_lines` breaks lines longer than :data:`LINE_LENGTH_LIMIT`
+the way Postfix's ``smtp_line_length_limit`` does; :func:`dot_stuff` then
+makes the DATA content.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["ChunkReader", "DataReader", "dot_stuff", "dot_unstuff"]
+__all__ = [
+    "LINE_LENGTH_LIMIT",
+    "ChunkReader",
+    "DataReader",
+    "dot_stuff",
+    "dot_unstuff",
+    "fold_long_lines",
+    "to_crlf",
+]
+
+#: The longest line sent in DATA, CRLF not counted: RFC 5321 §4.5.3.1.6 allows
+#: 1000 octets with CRLF; Postfix's ``smtp_line_length_limit`` default.
+LINE_LENGTH_LIMIT = 998
 
 END_OF_DATA = b"\r\n.\r\n"
 # A line holding only "." where one of the two line endings around it is not
@@ -45,6 +62,71 @@ def dot_stuff(content: bytes) -> bytes:
     if content and content[-2:] != b"\r\n":
         content += b"\r\n"
     return content + b".\r\n"
+
+
+_ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def to_crlf(content: bytes) -> bytes:
+    """``content`` with every line ending as CRLF: a bare LF or a bare CR becomes CRLF.
+
+    Content whose line endings are all CRLF already is returned as it is
+    (three C-level counts decide that).
+    """
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") == crlf and content.count(b"\r") == crlf:
+        return content
+    return _ANY_LINE_END.sub(b"\r\n", content)
+
+
+def _fold_line(line: bytes, limit: int) -> bytes:
+    step = limit - 1
+    parts = [line[:limit]]
+    parts.extend(b" " + line[i:i + step] for i in range(limit, len(line), step))
+    return b"\r\n".join(parts)
+
+
+def fold_long_lines(content: bytes, limit: int = LINE_LENGTH_LIMIT) -> bytes:
+    """Break lines longer than ``limit`` octets (CRLF not counted) as Postfix does.
+
+    Postfix's ``smtp_line_length_limit``: a longer line is cut after
+    ``limit`` octets and continues on a new line that starts with a space,
+    again at most ``limit`` octets long (the space and ``limit - 1`` octets
+    of the line), so "<CR><LF><SPACE>" is inserted every ``limit - 1``
+    octets after the first ``limit``. A line of exactly ``limit`` octets is
+    left alone. The space makes a continued header field a folded one and
+    keeps a continuation from starting with a dot. ``limit`` 0 turns folding
+    off; 1 is refused (there would be no room after the space).
+
+    ``content`` must have CRLF line endings only (see :func:`to_crlf`); it is
+    returned as it is when no line is too long. The check looks at one
+    window of ``limit`` octets at a time, not at every line.
+    """
+    if limit == 0:
+        return content
+    if limit < 2:
+        raise ValueError("the line length limit must be 0 or at least 2")
+    n = len(content)
+    start = 0  # where the line being checked starts
+    copied = 0  # content[:copied] is in out already
+    out: list[bytes] = []
+    while n - start > limit:
+        # a line of at most `limit` octets has its CR within the next limit + 1
+        cr = content.rfind(b"\r", start, start + limit + 1)
+        if cr != -1:
+            start = cr + 2  # past the last line end in the window
+            continue
+        end = content.find(b"\r", start + limit + 1)
+        if end == -1:
+            end = n
+        out.append(content[copied:start])
+        out.append(_fold_line(content[start:end], limit))
+        copied = end
+        start = end + 2
+    if not out:
+        return content
+    out.append(content[copied:])
+    return b"".join(out)
 
 
 def _py_scan(buf: bytes, start: int, pending_cr: bool) -> tuple[int, bool, bool, bool]:
