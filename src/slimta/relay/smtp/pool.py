@@ -24,8 +24,10 @@ class ConnectionPool:
     """
 
     def __init__(self, options: SessionOptions, host: str | None = None, port: int | None = None,
-                 path: str | None = None, size: int | None = None, idle_timeout: float = 10.0):
+                 path: str | None = None, size: int | None = None, idle_timeout: float = 10.0,
+                 server_name: str | None = None):
         self.options = options
+        self.server_name = server_name
         self.host = host
         self.port = port
         self.path = path
@@ -59,7 +61,8 @@ class ConnectionPool:
                 self._slots.release()
 
     async def _connect(self) -> ClientSession:
-        return await ClientSession.connect(self.options, self.host, self.port, self.path)
+        return await ClientSession.connect(self.options, self.host, self.port, self.path,
+                                           self.server_name)
 
     def _take(self) -> ClientSession | None:
         loop = asyncio.get_running_loop()

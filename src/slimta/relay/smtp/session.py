@@ -82,15 +82,30 @@ class ClientSession:
         self.secure = False
         self.deliveries = 0
         self.last_used = 0.0
+        self.server_name = peer
         self._waiter: asyncio.Future | None = None
 
     # --- connecting ---------------------------------------------------
     @classmethod
     async def connect(cls, options: SessionOptions, host: str, port: int | None = None,
-                      path: str | None = None) -> ClientSession:
-        """Connect and greet (banner, EHLO/LHLO, STARTTLS, AUTH); raises RelayError."""
+                      path: str | None = None, server_name: str | None = None) -> ClientSession:
+        """Connect and greet (banner, EHLO/LHLO, STARTTLS, AUTH).
+
+        Raises RelayError with ``at_connect`` set, so an MX relay knows it
+        may try the next host.
+        """
+        try:
+            return await cls._connect(options, host, port, path, server_name)
+        except RelayError as exc:
+            exc.at_connect = True
+            raise
+
+    @classmethod
+    async def _connect(cls, options: SessionOptions, host: str, port: int | None,
+                       path: str | None, server_name: str | None) -> ClientSession:
         peer = path or f"{host}:{port}"
         session = cls(options, peer)
+        session.server_name = server_name or host
         loop = asyncio.get_running_loop()
         ssl_ctx = None
         if options.tls == "immediate":
@@ -102,7 +117,7 @@ class ClientSession:
                 local = (options.source_address, 0) if options.source_address else None
                 coro = loop.create_connection(
                     lambda: session.protocol, host, port, local_addr=local, ssl=ssl_ctx,
-                    server_hostname=host if ssl_ctx else None)
+                    server_hostname=session.server_name if ssl_ctx else None)
             transport, _ = await asyncio.wait_for(coro, options.connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise TransientRelayError(
@@ -164,10 +179,10 @@ class ClientSession:
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.options.context or _opportunistic_context()
-        host = self.peer.rsplit(":", 1)[0]
         try:
             self.transport = await asyncio.wait_for(
-                loop.start_tls(self.transport, self.protocol, ctx, server_hostname=host),
+                loop.start_tls(self.transport, self.protocol, ctx,
+                               server_hostname=self.server_name),
                 self.options.connect_timeout)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise TransientRelayError(
