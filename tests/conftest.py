@@ -187,3 +187,23 @@ def dnsmasq():
 
     with DnsmasqFactory() as start:
         yield start
+
+
+@pytest.fixture
+def smtp_sink():
+    """``smtp_sink(*options)`` starts Postfix's smtp-sink on 127.0.0.1 (see tests/smtpsink.py)."""
+    from smtpsink import SmtpSink, find_sink
+
+    binary = find_sink()
+    if binary is None:
+        pytest.fail("required program 'smtp-sink' is not installed (see .ci/run)")
+    sinks = []
+
+    def start(*options):
+        sink = SmtpSink(binary, list(options))
+        sinks.append(sink)
+        return sink
+
+    yield start
+    for sink in sinks:
+        sink.stop()

@@ -35,6 +35,7 @@ class SessionOptions:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     lmtp: bool = False
+    pipelining: bool = True  # use PIPELINING when the server offers it
 
 
 def error_for(reply: Reply, command: str) -> RelayError:
@@ -290,7 +291,7 @@ class ClientSession:
         for rcpt in envelope.recipients:
             params = rcpt_params.get(rcpt) or {}
             out.append(conn.rcpt(rcpt, notify=params.get("notify"), orcpt=params.get("orcpt")))
-        if conn.pipelining:
+        if conn.pipelining and self.options.pipelining:
             out.append(conn.bdat(content, last=True) if use_bdat else conn.data())
             self._write(b"".join(out))
             mail = await self._reply("MAIL")
