@@ -191,7 +191,10 @@ def dnsmasq():
 
 @pytest.fixture
 def smtp_sink():
-    """``smtp_sink(*options)`` starts Postfix's smtp-sink on 127.0.0.1 (see tests/smtpsink.py)."""
+    """``smtp_sink(*options, host=, port=)`` starts Postfix's smtp-sink (tests/smtpsink.py).
+
+    Default: 127.0.0.1 on a free port. Any 127.x.y.z address works for MX tests.
+    """
     from smtpsink import SmtpSink, find_sink
 
     binary = find_sink()
@@ -199,8 +202,8 @@ def smtp_sink():
         pytest.fail("required program 'smtp-sink' is not installed (see .ci/run)")
     sinks = []
 
-    def start(*options):
-        sink = SmtpSink(binary, list(options))
+    def start(*options, host="127.0.0.1", port=None):
+        sink = SmtpSink(binary, list(options), host=host, port=port)
         sinks.append(sink)
         return sink
 

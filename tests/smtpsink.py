@@ -20,20 +20,22 @@ def _free_port() -> int:
 class SmtpSink:
     """``smtp-sink -u nobody -d DIR/msg. [options] 127.0.0.1:PORT`` until stop()."""
 
-    def __init__(self, binary: str, options: list[str]):
+    def __init__(self, binary: str, options: list[str], host: str = "127.0.0.1",
+                 port: int | None = None):
         # smtp-sink writes as the -u user, who cannot enter pytest's private tmp_path
         self.directory = tempfile.mkdtemp(prefix="smtp-sink-")
         os.chmod(self.directory, 0o777)
-        self.port = _free_port()
+        self.host = host
+        self.port = port or _free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
             [binary, *user, "-d", os.path.join(self.directory, "msg."), *options,
-             f"127.0.0.1:{self.port}", "100"],
+             f"{host}:{self.port}", "100"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((host, self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.02)
