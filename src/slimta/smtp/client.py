@@ -34,8 +34,8 @@ How replies are read (RFC 5321 §4.2):
   reply without text). Anything else is not SMTP and raises
   :class:`ClientError`.
 - When the lines of one reply carry different codes, the last line's code
-  counts: it is the line that ends the reply, and RFC 5321 §4.2.1 says a
-  client needs only the code of the last line.
+  counts: RFC 5321 §4.2.1 asks for the same code on every line, so such a
+  server is broken, and the line that ends the reply is its final word.
 - The text of the lines is joined with ``'\\n'``. An enhanced status code
   (RFC 2034, RFC 3463) on the first line whose class matches the reply code
   becomes :attr:`Reply.enhanced_status_code` and is removed from every line
@@ -48,6 +48,12 @@ How replies are read (RFC 5321 §4.2):
 After a :class:`ClientError` the session cannot go on (the caller treats it
 as a transient failure and closes the connection); every later
 :meth:`~ClientConnection.next_reply` raises it again.
+
+What the session learnt is on the connection: ``extensions`` (from the 250
+to EHLO/LHLO), ``pipelining``, ``size_limit``, ``secure``,
+``authenticated``, ``closing`` (a 221 or 421 came) and ``pending`` (the tags
+still awaited); ``best_auth_mechanism()`` and ``ehlo_failed_use_helo()``
+help with the decisions that are the caller's.
 """
 
 from __future__ import annotations
@@ -93,10 +99,10 @@ _BDAT_PER_RCPT = "BDAT*"
 _NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")
 _BODY_VALUES = ("7BIT", "8BITMIME", "BINARYMIME")
 # characters that must not reach a command line (they would end it or worse)
-_UNSAFE = ("\r", "\n", "\x00")
+_UNSAFE = re.compile("[\r\n\x00]")
 # a domain also may not hold what would end the path (a local part is quoted)
-_UNSAFE_DOMAIN = (*_UNSAFE, ">", "<", " ", "\t")
-_UNSAFE_NAME = (*_UNSAFE, " ", "\t")
+_UNSAFE_DOMAIN = re.compile("[\r\n\x00<> \t]")
+_UNSAFE_NAME = re.compile("[\r\n\x00 \t]")
 # RFC 3463 §2: class "." subject "." detail, then a space or the end
 _ESC_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |\Z)")
 # compact the receive buffer once this much of it has been consumed
@@ -111,8 +117,8 @@ class ClientError(Exception):
     """
 
 
-def _check(value: str, what: str, unsafe: tuple[str, ...] = _UNSAFE) -> str:
-    if any(c in value for c in unsafe):
+def _check(value: str, what: str, unsafe: re.Pattern[str] = _UNSAFE) -> str:
+    if unsafe.search(value) is not None:
         raise ValueError(f"{what} holds a character that cannot be sent: {value!r}")
     return value
 
