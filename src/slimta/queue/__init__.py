@@ -171,6 +171,9 @@ class Queue(Service):
         except Exception:
             log.exception("queue policy failed for message from <%s>", envelope.sender)
             return [(envelope, QueueError())]
+        if len(envelopes) == 1:
+            # the usual case: no task for gather() to create and schedule
+            return [await self._store(envelopes[0])]
         return list(await asyncio.gather(*(self._store(env) for env in envelopes)))
 
     async def _store(self, envelope) -> tuple:

@@ -16,12 +16,14 @@ Group commit
     (write, set_timestamp, record_attempt, remove, ...) is put on its queue
     and awaited. The writer takes *all* operations waiting and runs them in one
     transaction: ``BEGIN IMMEDIATE``, each operation inside its own
-    ``SAVEPOINT``, one ``COMMIT`` (one flush). So the cost of the flush is shared
-    by every concurrent enqueue, and durable throughput grows with
-    concurrency (Postfix flushes once per message). An operation that fails
-    (an unknown id, say) is rolled back to its savepoint and fails alone; if
-    the commit itself fails, every operation of that transaction fails and
-    none is reported as done. ``commits`` counts the transactions committed.
+    ``SAVEPOINT`` (except those of one SQL statement, such as the insert of a
+    new message: SQLite undoes a failed statement by itself), one ``COMMIT``
+    (one flush). So the cost of the flush is shared by every concurrent
+    enqueue, and durable throughput grows with concurrency (Postfix flushes
+    once per message). An operation that fails (an unknown id, say) is
+    undone and fails alone; if the commit itself fails, every operation of
+    that transaction fails and none is reported as done. ``commits`` counts
+    the transactions committed.
 
 Readers
     ``get``, ``load``, ``list`` and ``stats`` run on reader threads, each with
@@ -209,6 +211,17 @@ def _op_record_attempt(conn: sqlite3.Connection, id: str, timestamp: float, inde
 
 def _op_remove(conn: sqlite3.Connection, id: str) -> bool:
     return conn.execute("DELETE FROM messages WHERE id = ?", (id,)).rowcount > 0
+
+
+#: Operations that run exactly one SQL statement: the writer runs them without a
+#: savepoint of their own. SQLite itself undoes a statement that fails; or, after
+#: SQLITE_FULL, an I/O error and the like, it may roll back the whole transaction,
+#: which the writer sees (``in_transaction`` is false) either way. So a failed
+#: single statement never leaves part of its work behind, and the SAVEPOINT and
+#: RELEASE around it (two more statements per enqueued message) would buy nothing.
+_ONE_STATEMENT = frozenset(
+    {_op_insert, _op_set_timestamp, _op_set_last_reply, _op_set_held, _op_remove}
+)
 
 
 # --- reads, run on a reader thread with its connection -------------------------
@@ -484,25 +497,29 @@ class SqliteStorage(QueueStorage):
             _hand_back([(op[2], exc, None) for op in batch], loops)
             return
         lost: BaseException | None = None
+        one_statement = _ONE_STATEMENT
         for fn, args, fut, _loop in batch:
             if lost is not None:
                 results.append((fut, lost, None))
                 continue
-            execute("SAVEPOINT op")
+            savepoint = fn not in one_statement
+            if savepoint:
+                execute("SAVEPOINT op")
             try:
                 value = fn(conn, *args)
             except Exception as exc:
-                if conn.in_transaction:
+                if not conn.in_transaction:  # SQLite rolled it all back (disk full, I/O error)
+                    lost = exc
+                elif savepoint:
                     try:
                         execute("ROLLBACK TO op")
                         execute("RELEASE op")
                     except sqlite3.Error as rollback_exc:
                         lost = rollback_exc
-                else:  # SQLite rolled the whole transaction back (disk full, I/O error)
-                    lost = exc
                 results.append((fut, exc, None))
             else:
-                execute("RELEASE op")
+                if savepoint:
+                    execute("RELEASE op")
                 results.append((fut, None, value))
         if lost is None:
             try:
