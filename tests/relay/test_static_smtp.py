@@ -187,3 +187,13 @@ async def test_wrong_credentials_are_a_failure(run_edge, server_tls_context, cli
         await relay.attempt(envelope(), 0)
     assert "AUTH" in str(info.value)
     assert edge.queue.envelopes == []
+
+
+async def test_an_invalid_envelope_fails_permanently_before_sending(smtp_sink):
+    sink = smtp_sink()
+    relay = relay_for(sink)
+    with pytest.raises(PermanentRelayError) as info:
+        await relay.attempt(envelope(["b@example.com\r\nRCPT TO:<evil@example.com>"]), 0)
+    assert info.value.reply.code == "550"
+    await relay.close()
+    assert sink.messages() == []

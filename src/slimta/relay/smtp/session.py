@@ -285,19 +285,31 @@ class ClientSession:
         content = header + body
         use_bdat = "CHUNKING" in ext
         rcpt_params = getattr(envelope, "rcpt_params", None) or {}
-        out = [conn.mail(envelope.sender, size=len(content),
-                         body=None if envelope.body == "7BIT" else envelope.body,
-                         smtputf8=envelope.smtputf8, ret=envelope.ret, envid=envelope.envid)]
-        for rcpt in envelope.recipients:
-            params = rcpt_params.get(rcpt) or {}
-            out.append(conn.rcpt(rcpt, notify=params.get("notify"), orcpt=params.get("orcpt")))
-        if conn.pipelining and self.options.pipelining:
+        try:
+            out = [conn.mail(envelope.sender, size=len(content),
+                             body=None if envelope.body == "7BIT" else envelope.body,
+                             smtputf8=envelope.smtputf8, ret=envelope.ret, envid=envelope.envid)]
+            for rcpt in envelope.recipients:
+                params = rcpt_params.get(rcpt) or {}
+                out.append(conn.rcpt(rcpt, notify=params.get("notify"),
+                                     orcpt=params.get("orcpt")))
+        except ValueError as exc:
+            # an envelope that did not come through an SMTP edge may hold anything
+            raise PermanentRelayError(
+                f"cannot send this envelope: {exc}",
+                Reply("550", "5.5.4 Invalid address or parameter in the envelope")) from exc
+        pipelined = conn.pipelining and self.options.pipelining
+        if pipelined:
             out.append(conn.bdat(content, last=True) if use_bdat else conn.data())
             self._write(b"".join(out))
             mail = await self._reply("MAIL")
             rcpt_replies = [await self._reply("RCPT") for _ in envelope.recipients]
-            data_reply = await self._reply("BDAT" if use_bdat else "DATA",
-                                           self.options.data_timeout if use_bdat else None)
+            data_reply = None
+            if not (self.options.lmtp and use_bdat) or any(
+                    r.code[:1] == "2" for r in rcpt_replies):
+                # (an LMTP server answers BDAT LAST once per accepted recipient: maybe never)
+                data_reply = await self._reply("BDAT" if use_bdat else "DATA",
+                                               self.options.data_timeout if use_bdat else None)
         else:
             self._write(out[0])
             mail = await self._reply("MAIL")
@@ -324,7 +336,7 @@ class ClientSession:
                 await self._reply("DATA_END", self.options.data_timeout)
             await self._reset()
             return results
-        if data_reply is None:  # without pipelining
+        if not pipelined:
             if use_bdat:
                 self._write(conn.bdat(content, last=True))
                 data_reply = await self._reply("BDAT", self.options.data_timeout)
