@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from slimta.relay import RelayError
+from slimta.relay import RelayError, TransientRelayError
 from slimta.relay.smtp.session import ClientSession, SessionOptions
 
 __all__ = ["ConnectionPool"]
@@ -47,11 +47,13 @@ class ConnectionPool:
                 session = await self._connect()
             try:
                 results = await session.deliver(envelope)
-            except RelayError:
+            except RelayError as exc:
                 session.abort()
-                if not reused or session.deliveries:
+                if (not reused or session.mail_answered
+                        or not isinstance(exc, TransientRelayError)):
                     raise
-                # a stale connection from the pool: once more on a fresh one
+                # a stale connection from the pool (lost, or a 421, before any
+                # reply to MAIL: nothing was accepted): once more on a fresh one
                 session = await self._connect()
                 results = await session.deliver(envelope)
             self._give_back(session)

@@ -82,6 +82,7 @@ class ClientSession:
         self.closed = False
         self.secure = False
         self.deliveries = 0
+        self.mail_answered = False  # the server replied to MAIL in the current transaction
         self.last_used = 0.0
         self.server_name = peer
         self._waiter: asyncio.Future | None = None
@@ -278,6 +279,7 @@ class ClientSession:
 
     async def deliver(self, envelope) -> dict:
         """One transaction; ``{recipient: None | Reply | RelayError}`` or raises RelayError."""
+        self.mail_answered = False
         envelope = self.prepare(envelope)
         conn = self.conn
         ext = conn.extensions
@@ -303,6 +305,7 @@ class ClientSession:
             out.append(conn.bdat(content, last=True) if use_bdat else conn.data())
             self._write(b"".join(out))
             mail = await self._reply("MAIL")
+            self.mail_answered = True
             rcpt_replies = [await self._reply("RCPT") for _ in envelope.recipients]
             data_reply = None
             if not (self.options.lmtp and use_bdat) or any(
@@ -313,6 +316,7 @@ class ClientSession:
         else:
             self._write(out[0])
             mail = await self._reply("MAIL")
+            self.mail_answered = True
             rcpt_replies = []
             if mail.code[:1] == "2":
                 for piece in out[1:]:
