@@ -191,6 +191,16 @@ async def test_best_mx_refusing_the_greeting_the_next_one_takes_it(sinks, make_r
     assert transactions(mx2) == [["x@multi.test"]]
 
 
+async def test_a_5xx_greeting_from_the_last_mx_defers_instead_of_bouncing(sinks, make_relay):
+    # MX1 and MX2 down, MX3 greets with 5xx: the outcome must not depend on
+    # which host came last (Postfix's smtp_skip_5xx_greeting)
+    sinks(MX3, "-f", "connect")
+    relay = make_relay()
+    results = await relay.attempt(envelope("x@multi.test"), 0)
+    assert isinstance(results["x@multi.test"], TransientRelayError)
+    await relay.close()
+
+
 async def test_best_mx_silent_after_connect_times_out_then_the_next_one(sinks, make_relay,
                                                                          port):
     # MX1 accepts the TCP connection (the kernel does) but never sends a banner

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 
-from slimta.relay import Relay, RelayError
+from slimta.relay import PermanentRelayError, Relay, RelayError, TransientRelayError
 from slimta.relay.smtp.mx_lookup import MxLookup
 from slimta.relay.smtp.pool import ConnectionPool
 from slimta.relay.smtp.static import _options
@@ -96,6 +96,11 @@ class MxSmtpRelay(Relay):
                     return exc
                 log.info("MX %s [%s] for %s: %s; trying the next", target.name,
                          target.address, domain, exc)
+                if isinstance(exc, PermanentRelayError):
+                    # a 5xx greeting says nothing about the recipients: like
+                    # Postfix (smtp_skip_5xx_greeting) defer rather than bounce,
+                    # whichever MX host happened to be tried last
+                    exc = TransientRelayError(str(exc), exc.reply)
                 last_error = exc
         return last_error
 
