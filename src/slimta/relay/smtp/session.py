@@ -301,16 +301,20 @@ class ClientSession:
                 f"cannot send this envelope: {exc}",
                 Reply("550", "5.5.4 Invalid address or parameter in the envelope")) from exc
         pipelined = conn.pipelining and self.options.pipelining
+        # LMTP's BDAT LAST is not pipelined behind the RCPTs: when every RCPT
+        # was refused RFC 2033 has the server send no reply to it, but Dovecot
+        # sends one 503, so the next reply could not be told apart. It is sent
+        # once a recipient was accepted, and then gets one reply per recipient.
+        data_pipelined = pipelined and not (self.options.lmtp and use_bdat)
         if pipelined:
-            out.append(conn.bdat(content, last=True) if use_bdat else conn.data())
+            if data_pipelined:
+                out.append(conn.bdat(content, last=True) if use_bdat else conn.data())
             self._write(b"".join(out))
             mail = await self._reply("MAIL")
             self.mail_answered = True
             rcpt_replies = [await self._reply("RCPT") for _ in envelope.recipients]
             data_reply = None
-            if not (self.options.lmtp and use_bdat) or any(
-                    r.code[:1] == "2" for r in rcpt_replies):
-                # (an LMTP server answers BDAT LAST once per accepted recipient: maybe never)
+            if data_pipelined:
                 data_reply = await self._reply("BDAT" if use_bdat else "DATA",
                                                self.options.data_timeout if use_bdat else None)
         else:
@@ -340,7 +344,7 @@ class ClientSession:
                 await self._reply("DATA_END", self.options.data_timeout)
             await self._reset()
             return results
-        if not pipelined:
+        if not data_pipelined:
             if use_bdat:
                 self._write(conn.bdat(content, last=True))
                 data_reply = await self._reply("BDAT", self.options.data_timeout)
