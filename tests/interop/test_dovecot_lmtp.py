@@ -177,6 +177,10 @@ class Dovecot:
         return out
 
     def stop(self) -> None:
+        if self.master is None:  # it may have started without our noticing
+            pidfile = os.path.join(self.base, "run", "master.pid")
+            with contextlib.suppress(OSError, ValueError), open(pidfile) as f:
+                self.master = int(f.read().strip())
         if self.master is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.master, signal.SIGTERM)
