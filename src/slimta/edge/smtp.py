@@ -147,6 +147,8 @@ class SmtpSession(asyncio.Protocol):
         self.security: str | None = None
         #: the envelope being built (from MAIL on)
         self.envelope: Envelope | None = None
+        #: the client's verified host name, if a validator found one (envelope.client['host'])
+        self.client_host: str | None = None
         self._hooks = edge._hooks
         self._busy = False
         self._paused = False
@@ -506,7 +508,7 @@ class SmtpSession(asyncio.Protocol):
         conn = self.conn
         envelope.client = {
             "ip": self.address[0],
-            "host": None,
+            "host": self.client_host,
             "name": conn.ehlo_as,
             "protocol": self.protocol,
             "auth": conn.auth,
