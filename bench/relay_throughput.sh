@@ -4,7 +4,8 @@
 # Postfix delivering its own queue, to the same smtp-sink, in one run.
 #
 #   bash bench/relay_throughput.sh                 # N=5000, 3 runs each: a few minutes
-#   N=500 RUNS=1 QUIET_WAIT=0 bash bench/relay_throughput.sh   # smoke test
+#   N=500 RUNS=1 QUIET_WAIT=0 bash bench/relay_throughput.sh   # smoke test (no quiet
+#       check: it disturbs anyone else's benchmark; look with pgrep first)
 #   ROWS="slimta slimta-nolog" bash bench/relay_throughput.sh
 #
 # One smtp-sink (Postfix's test server: accepts and discards, PIPELINING
