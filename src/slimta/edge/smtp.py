@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import logging
 import ssl
 
@@ -34,6 +35,7 @@ from slimta.smtp.server import (
     StartTls,
 )
 from slimta.util.listeners import bind_listener
+from slimta.util.proxyproto import ProxyProtocolError, parse_proxy_header
 
 __all__ = ["SmtpEdge", "SmtpSession", "SmtpValidators"]
 
@@ -136,6 +138,9 @@ def _queued_reply(reply: Reply, results) -> None:
 class SmtpSession(asyncio.Protocol):
     """One SMTP connection: the glue between a socket and the sans-IO core."""
 
+    #: the proxy's (ip, port) when a PROXY header said who the client is, else None
+    proxy_address: tuple | None = None
+
     def __init__(self, edge: SmtpEdge):
         self.edge = edge
         self.transport = None
@@ -185,11 +190,15 @@ class SmtpSession(asyncio.Protocol):
 
     # --- asyncio.Protocol ------------------------------------------
     def connection_made(self, transport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._start(transport, tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or ""), 0))
+
+    def _start(self, transport, address: tuple) -> None:
+        """Admit the client at ``address`` and greet it (after any PROXY header)."""
         self.transport = transport
         self._loop = loop = asyncio.get_running_loop()
         edge = self.edge
-        peer = transport.get_extra_info("peername")
-        self.address = tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or ""), 0)
+        self.address = address
         secure = transport.get_extra_info("ssl_object") is not None
         if secure:
             self.security = "TLS"
@@ -528,9 +537,91 @@ class SmtpSession(asyncio.Protocol):
     }
 
 
+class _ProxyHeaderReader(asyncio.Protocol):
+    """Reads the PROXY header of a connection, then hands it to an SmtpSession.
+
+    Only edges with ``proxy_protocol`` use it; the session takes over the
+    transport (``set_protocol``) once the header is read, so the SMTP hot
+    path is the same as without a proxy. A peer that is not a trusted proxy
+    is handed over at once, as a direct client.
+    """
+
+    def __init__(self, edge: SmtpEdge):
+        self.edge = edge
+        self.transport = None
+        self.peer: tuple = ("", 0)
+        self._buf = b""
+        self._timer = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or ""), 0)
+        edge = self.edge
+        if not edge._is_trusted_proxy(self.peer[0]):
+            self._hand_over(self.peer, None, b"")
+            return
+        edge._proxy_pending.add(self)
+        self._timer = asyncio.get_running_loop().call_later(edge.proxy_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is None:
+            return
+        buf = self._buf + data if self._buf else data
+        try:
+            info, used = parse_proxy_header(buf, self.edge._proxy_versions)
+        except ProxyProtocolError as exc:
+            log.warning("closed %s: invalid PROXY header: %s", self.peer[0], exc)
+            self.close()
+            return
+        if info is None:
+            self._buf = buf
+            return
+        self._done()
+        client = info.client
+        log.debug("PROXY %s from %s: client %s", info.command, self.peer[0], client)
+        self._hand_over(client or self.peer, self.peer, buf[used:])
+
+    def _hand_over(self, address: tuple, proxy: tuple | None, rest: bytes) -> None:
+        session = SmtpSession(self.edge)
+        session.proxy_address = proxy
+        transport = self.transport
+        transport.set_protocol(session)
+        session._start(transport, address)
+        if rest and not session._closed:
+            session.data_received(rest)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        log.warning("closed %s: no PROXY header within %gs", self.peer[0],
+                    self.edge.proxy_timeout)
+        self.close()
+
+    def _done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buf = b""
+        self.edge._proxy_pending.discard(self)
+
+    def close(self) -> None:
+        """Close without a word: the client never saw a banner."""
+        self._done()
+        self.transport.close()
+
+    def eof_received(self):
+        return None
+
+    def connection_lost(self, exc) -> None:
+        self._done()
+
+
 def _log_task_error(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("validator failed", exc_info=task.exception())
+
+
+_PROXY_VERSIONS: dict = {False: None, True: (1, 2), "any": (1, 2), "v1": (1,), "v2": (2,)}
 
 
 class SmtpEdge(Edge):
@@ -550,6 +641,20 @@ class SmtpEdge(Edge):
     ``tls_immediately`` serves SMTPS (port 465). AUTH: ``auth=True`` offers
     PLAIN, LOGIN and CRAM-MD5 (or pass a list of mechanisms); with
     ``auth_require_tls`` (default) PLAIN and LOGIN only over TLS.
+
+    PROXY protocol (behind HAProxy and the like): ``proxy_protocol`` is
+    False (off), ``'v1'``, ``'v2'`` or ``'any'`` (True: either, told apart
+    by the first octet). A connection from ``trusted_proxies`` (IP addresses
+    or networks; default loopback only, ``127.0.0.0/8`` and ``::1``) must
+    start with a valid header, read within ``proxy_timeout`` (5 s): the
+    header's source address becomes the client's everywhere (``address``,
+    ``envelope.client['ip']``, ``max_connections_per_ip``), and the proxy's
+    is kept in ``session.proxy_address``. A LOCAL header (health checks), v1
+    UNKNOWN or a non-IP family keeps the proxy's own address. An invalid,
+    incomplete or missing header closes the connection without a banner. A
+    peer not in ``trusted_proxies`` is served as a direct client: it is
+    never asked for a header and a header it sends is not honoured (it is
+    an unknown SMTP command). Not combinable with ``tls_immediately``.
     """
 
     def __init__(
@@ -573,10 +678,23 @@ class SmtpEdge(Edge):
         max_connections_per_ip: int | None = 50,
         shutdown_timeout: float = 30.0,
         backlog: int = 1024,
+        proxy_protocol: bool | str = False,
+        trusted_proxies: list[str] | tuple[str, ...] = ("127.0.0.0/8", "::1"),
+        proxy_timeout: float = 5.0,
     ):
         super().__init__(queue, hostname)
         if tls_immediately and context is None:
             raise ValueError("tls_immediately needs a context")
+        versions = _PROXY_VERSIONS.get(proxy_protocol)
+        if versions is None and proxy_protocol is not False:
+            raise ValueError(f"proxy_protocol {proxy_protocol!r}: use False, 'v1', 'v2' or 'any'")
+        if versions and tls_immediately:
+            raise ValueError("proxy_protocol cannot be combined with tls_immediately")
+        self._proxy_versions = versions
+        self.trusted_proxies = tuple(ipaddress.ip_network(n, strict=False)
+                                     for n in trusted_proxies)
+        self.proxy_timeout = float(proxy_timeout)
+        self._proxy_pending: set[_ProxyHeaderReader] = set()
         self.listener = listener
         self.max_size = DEFAULT_MAX_SIZE if max_size is None else (max_size or None)
         self.validator_class = validator_class
@@ -629,14 +747,20 @@ class SmtpEdge(Edge):
 
     async def _begin(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._proxy_versions:
+            factory = lambda: _ProxyHeaderReader(self)  # noqa: E731
+        else:
+            factory = lambda: SmtpSession(self)  # noqa: E731
         self._server = await loop.create_server(
-            lambda: SmtpSession(self), sock=self._sock, backlog=self.backlog,
+            factory, sock=self._sock, backlog=self.backlog,
             ssl=self.context if self.tls_immediately else None,
             ssl_handshake_timeout=self.command_timeout if self.tls_immediately else None)
 
     async def _end(self) -> None:
         if self._server is not None:
             self._server.close()
+        for reader in list(self._proxy_pending):
+            reader.close()
         for session in list(self._sessions):
             session.shutdown()
         if self._sessions:
@@ -650,6 +774,16 @@ class SmtpEdge(Edge):
                     session.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
+
+    def _is_trusted_proxy(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        mapped = getattr(addr, "ipv4_mapped", None)
+        if mapped is not None:
+            addr = mapped
+        return any(addr in net for net in self.trusted_proxies)
 
     # --- connection accounting -------------------------------------------
     def _admit(self, session: SmtpSession) -> bool:
