@@ -103,6 +103,14 @@ def test_non_ascii_passwords_are_utf8():
         assert verify_password(value, "passwoerd ✓") is False, value
 
 
+def test_bcrypt_uses_the_first_72_bytes_like_dovecot():
+    long = "x" * 72 + "tail"
+    stored = "{BLF-CRYPT}" + bcrypt.hashpw(long[:72].encode(), bcrypt.gensalt(4)).decode()
+    assert verify_password(stored, long) is True
+    assert verify_password(stored, long[:72]) is True
+    assert verify_password(stored, long[:71]) is False
+
+
 def test_crypt_forms_without_prefix():
     for scheme in ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"):
         bare = split_scheme(STORED[scheme])[1]
@@ -227,6 +235,24 @@ async def test_lookup_credentials_address_kwargs_and_field():
     checker = LookupCredentials(lookup, password_field="pw")
     assert await checker.check(plain("dave@example.com", "s")) == {"pw": "{PLAIN}s"}
     assert await checker.check(plain("dave@example.com", "t")) is None
+
+
+async def test_lookup_credentials_dummy_password_for_unknown_users(monkeypatch):
+    import slimta.lookup.credentials as mod
+
+    checked = []
+    real = mod.verify_password
+
+    def spy(stored, given, default_scheme="PLAIN"):
+        checked.append((stored, given))
+        return real(stored, given, default_scheme)
+
+    monkeypatch.setattr(mod, "verify_password", spy)
+    checker = LookupCredentials(DictLookup(USERS, "{username}"),
+                                dummy_password=STORED["BLF-CRYPT"])
+    # even the dummy's own password does not let an unknown user in
+    assert await checker.check(plain("nobody@example.com", PASSWORD)) is None
+    assert checked == [(STORED["BLF-CRYPT"], PASSWORD)]
 
 
 async def test_lookup_credentials_lookup_failure_is_454():

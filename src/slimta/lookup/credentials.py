@@ -6,7 +6,8 @@
 =====================  ======================================================
 ``{PLAIN}secret``      the password itself (also ``{CLEAR}``, ``{CLEARTEXT}``)
 ``{ARGON2ID}$argon2id$…``  Argon2id (also ``{ARGON2I}``)
-``{BLF-CRYPT}$2y$…``   bcrypt (``$2a$``, ``$2b$``, ``$2y$``)
+``{BLF-CRYPT}$2y$…``   bcrypt (``$2a$``, ``$2b$``, ``$2y$``; as in Dovecot, only the
+                       first 72 bytes of the password count)
 ``{SHA512-CRYPT}$6$…`` SHA-512 crypt (also ``{SHA256-CRYPT}`` ``$5$``, ``{MD5-CRYPT}`` ``$1$``)
 ``{SSHA512}…``         salted SHA-512, base64 (also ``{SSHA256}``, ``{SSHA}``,
                        and unsalted ``{SHA512}``, ``{SHA256}``, ``{SHA}``;
@@ -140,6 +141,10 @@ def verify_password(stored: str, given: str | bytes, default_scheme: str = "PLAI
         from passlib import hash as passlib_hash
 
         handler = getattr(passlib_hash, _CRYPT[scheme])
+        if handler.name == "bcrypt":
+            # bcrypt uses only the first 72 bytes; Dovecot (crypt_blowfish)
+            # truncates silently, the bcrypt module refuses longer passwords
+            given_bytes = given_bytes[:72]
         try:
             return bool(handler.verify(given_bytes, value))
         except (ValueError, TypeError) as exc:
@@ -169,7 +174,11 @@ class LookupCredentials:
     password, so it can be checked only against a ``{PLAIN}`` stored secret
     (:meth:`~slimta.smtp.auth.Credentials.check_secret`); against a hash it
     fails. An authorization identity other than the user name fails too
-    (``allow_authzid=True`` leaves that to the caller).
+    (``allow_authzid=True`` leaves that to the caller). With
+    ``dummy_password`` (a stored password in the scheme your users have), an
+    unknown user's password is checked against it and refused anyway, so an
+    unknown user takes as long as a known one and the time of the answer
+    does not tell which user names exist.
 
     :meth:`handle_auth` sets the reply: ``535 5.7.8`` (``failed_reply``) for an
     unknown user, a wrong password, or an unknown scheme; ``454 4.7.0``
@@ -187,8 +196,10 @@ class LookupCredentials:
         *,
         default_scheme: str = "PLAIN",
         allow_authzid: bool = False,
+        dummy_password: str | None = None,
     ) -> None:
         self.lookup = lookup
+        self.dummy_password = dummy_password
         self.password_field = password_field
         self.default_scheme = default_scheme
         self.allow_authzid = allow_authzid
@@ -208,6 +219,8 @@ class LookupCredentials:
         record = await self.lookup.lookup(**kwargs)
         stored = record.get(self.password_field) if record else None
         if not isinstance(stored, str) or not stored:
+            if self.dummy_password is not None and creds.has_secret:
+                await verify_password_async(self.dummy_password, creds.secret)
             log.info("AUTH for %r refused: no such user", authcid)
             return None
         if creds.has_secret:
