@@ -18,9 +18,11 @@ A stored value without a prefix is recognised by its crypt form (``$argon2id$``,
 ``$2b$``, ``$6$``, ...); anything else is taken as ``default_scheme``
 (``PLAIN``). Every comparison of secrets is constant-time
 (:func:`hmac.compare_digest` or the hashing library's own). The crypt
-schemes use libpass (the maintained fork of passlib, imported as ``passlib``,
-which works with bcrypt 4 and 5; the original passlib 1.7.4 breaks on bcrypt
-4.1+), argon2-cffi and bcrypt.
+schemes use libpass (the maintained fork of passlib, imported as ``passlib``),
+argon2-cffi and bcrypt. Not the original passlib 1.7.4 (2020, unmaintained):
+it logs a trapped error reading the version of bcrypt 4.1+, and with bcrypt 5
+every bcrypt hash or check raises ValueError (its self-test hashes a password
+longer than 72 bytes). Both install the ``passlib`` package: have only libpass.
 
 :class:`LookupCredentials` is the ``handle_auth`` half of a validator::
 
