@@ -59,10 +59,11 @@ async def test_alias_expands_to_several_and_drops_duplicates():
         "team@example.com": {"alias": "a@example.com, b@example.com"},
         "all@example.com": {"alias": ["b@example.com", "C@example.com", "{localpart}@x.example"]},
     }, "{address}")
-    env = envelope("s@example.com", "team@example.com", "all@example.com", "c@example.com")
+    env = envelope("s@example.com", "team@example.com", "all@example.com", "C@EXAMPLE.com",
+                   "c@example.com")
     await LookupPolicy(lookup).apply(env)
     assert env.recipients == ["a@example.com", "b@example.com", "C@example.com",
-                              "all@x.example"]
+                              "all@x.example", "c@example.com"]
 
 
 async def test_sender_alias_only_with_on_sender():
@@ -133,6 +134,8 @@ async def test_add_headers():
     assert b"X-Ok: 1\r\n" in block
     assert b"Bad Name" not in block
     assert block.endswith(b"From: alice@example.com\r\nSubject: hi\r\n\r\n")
+    # one record's fields keep their order
+    assert block.index(b"X-Customer:") < block.index(b"X-Evil:")
 
 
 async def test_lookup_failure_is_451():

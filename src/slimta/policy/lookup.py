@@ -10,7 +10,8 @@ with ``address``, ``localpart`` and ``domain`` (plus ``sender`` or
     original ``{localpart}``, ``{domain}`` and ``{address}``
     (``'{localpart}@example.net'``); for a recipient it may also be a list,
     or a comma-separated string, of several addresses (the recipient is
-    expanded to all of them; duplicates are dropped).
+    expanded to all of them; duplicates, domains compared in any case, are
+    dropped).
 ``verp``
     For the sender only: Variable Envelope Return Paths. The message is split
     into one envelope per recipient, each with the sender
@@ -120,7 +121,7 @@ class LookupPolicy(QueuePolicy):
         if not isinstance(value, Mapping):
             log.warning("%s is not a mapping: %r", self.headers_field, value)
             return
-        for name, text in value.items():
+        for name, text in reversed(list(value.items())):  # each goes on top: keep their order
             if not isinstance(name, str) or not _FIELD_NAME.match(name):
                 log.warning("bad header field name from lookup: %r", name)
                 continue
@@ -173,9 +174,11 @@ class LookupPolicy(QueuePolicy):
                 if alias:
                     targets = _aliases(alias, address_kwargs(rcpt))
             for target in targets:
-                if target.lower() in seen:
+                local, at, domain = target.rpartition("@")
+                folded = f"{local}{at}{domain.lower()}"  # local parts are case-sensitive
+                if folded in seen:
                     continue
-                seen.add(target.lower())
+                seen.add(folded)
                 new_rcpts.append(target)
                 if rcpt in envelope.rcpt_params:
                     params[target] = dict(envelope.rcpt_params[rcpt])
