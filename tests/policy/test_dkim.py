@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import smtplib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -575,3 +576,48 @@ async def test_arc_seal_needs_our_authentication_results(keys, dns_server, caplo
         await seal.apply(env)
         assert message_of(env) == data
     assert "ARC: not sealing: no Authentication-Results from mx.forwarder.test" in caplog.text
+
+
+# --- through the edge ---------------------------------------------------------------
+
+
+class PolicyQueue:
+    """Applies queue policies as a Queue does, then keeps the envelopes."""
+
+    def __init__(self, policies):
+        self.policies = policies
+        self.envelopes: list[Envelope] = []
+
+    async def enqueue(self, envelope):
+        envelopes = await apply_queue_policies(self.policies, envelope)
+        self.envelopes.extend(envelopes)
+        return [(env, f"q{len(self.envelopes)}") for env in envelopes]
+
+
+def test_verified_at_end_of_data_through_smtp_edge(keys, dns_server, outside, run_edge,
+                                                   tmp_path):
+    """smtplib -> SmtpEdge -> queue policies: verify the incoming signature, then re-sign."""
+    k = keys["example"]
+    key_file = tmp_path / "sel1.private"
+    key_file.write_bytes(k.pem)
+    signed = subprocess.run(
+        [tool("opendkim-testmsg"), "-C", "-d", k.domain, "-s", k.selector, "-k", str(key_file)],
+        input=MESSAGE, capture_output=True, timeout=30, check=True,
+    ).stdout
+    other = keys["other"]
+    queue = PolicyQueue([
+        DkimVerify(allow_sha1=True),
+        DkimSign(other.selector, other.domain, other.pem, by="envelope"),
+    ])
+    edge = run_edge(queue=queue)
+    with smtplib.SMTP("127.0.0.1", edge.port, timeout=10) as client:
+        client.sendmail("list@other.test", ["bob@dest.test"], signed)
+    [env] = queue.envelopes
+    assert [(r["result"], r["domain"]) for r in env.auth_results["dkim"]] == [
+        ("pass", "example.test")]
+    data = message_of(env)
+    assert sig_tags(data)[b"d"] == b"other.test"
+    # both signatures verify outside: ours (index 0) and opendkim's (index 1)
+    for index in ("0", "1"):
+        done = outside([tool("dkimverify"), "--index", index], data)
+        assert done.stdout.strip() == b"signature ok", (index, done.stderr)

@@ -186,7 +186,7 @@ async def _cpu(func: Any, size: int, *args: Any, **kwargs: Any) -> Any:
 def _prepend_fields(envelope: Envelope, lines: Sequence[bytes]) -> None:
     """Put header lines (``b"Name: value\\r\\n"``, maybe folded) on top, in their order."""
     for line in reversed(lines):
-        name, _, value = line.decode("ascii").partition(":")
+        name, _, value = line.decode("utf-8", "surrogateescape").partition(":")
         envelope.prepend_header(name.strip(), value.strip(" \t\r\n"))
 
 
@@ -442,8 +442,7 @@ class DkimVerify(QueuePolicy):
                 result, domain, selector, reason = sig
                 entry = {"result": result, "domain": domain, "selector": selector,
                          "reason": reason, "identity": None, "header_b": None}
-                if idx < len(sigs):
-                    entry.update(self._tags(d, idx))
+                entry.update(self._tags(d, idx))
                 results.append(entry)
                 continue
             entry = self._describe(sig)
