@@ -70,7 +70,9 @@ entry ``{"result": "none", "domain": None, "selector": None, ...}``.
 
 **DNS.** Keys (``<selector>._domainkey.<domain>`` TXT) are fetched through
 the shared resolver of :mod:`slimta.util.dns` (or the one given), with its
-cache, before dkimpy runs; dkimpy then does only CPU work, in a thread.
+cache, before dkimpy runs, so no blocking lookup happens; dkimpy then only
+hashes and checks signatures (in a thread for messages over
+``THREAD_THRESHOLD`` bytes, inline below).
 """
 
 from __future__ import annotations
@@ -98,8 +100,16 @@ if TYPE_CHECKING:
 __all__ = ["ArcSeal", "DkimKey", "DkimSign", "DkimVerify", "load_private_key"]
 
 log = logging.getLogger(__name__)
-# dkimpy logs every failed check at ERROR; keep that apart from our own lines.
-_lib_log = logging.getLogger(__name__ + ".dkimpy")
+
+
+class _QuietLog(logging.LoggerAdapter):
+    """dkimpy logs every failed check at ERROR; the results carry the reason, so DEBUG."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(min(level, logging.DEBUG), msg, *args, **kwargs)
+
+
+_lib_log = _QuietLog(logging.getLogger(__name__ + ".dkimpy"), {})
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 #: Above this many bytes, signing and verifying run in a thread.
@@ -458,11 +468,12 @@ class DkimVerify(QueuePolicy):
             sig = dkim.util.parse_tag_value(values[idx])
         except Exception:
             return {}
-        return {
-            k: v.decode("ascii", "replace").strip() if isinstance(v, bytes) else v
-            for k, v in (("domain", sig.get(b"d")), ("selector", sig.get(b"s")))
-            if v is not None
-        }
+        found = {}
+        if sig.get(b"d"):
+            found["domain"] = sig[b"d"].decode("ascii", "replace").strip().lower()
+        if sig.get(b"s"):
+            found["selector"] = sig[b"s"].decode("ascii", "replace").strip()
+        return found
 
     @staticmethod
     def _describe(sig: Mapping[bytes, bytes]) -> dict[str, Any]:
