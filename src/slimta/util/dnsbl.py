@@ -377,11 +377,13 @@ class DnsBlocklistGroup:
 # --- the validator decorator --------------------------------------------------
 
 
+_PLACEHOLDER = re.compile(r"\{(reason|ip|blocklist)\}")
+
+
 def _render(template: str, result: DnsblResult, reason: str) -> str:
-    zones = ", ".join(result.matches)
-    return (template.replace("{reason}", reason)
-            .replace("{ip}", result.ip)
-            .replace("{blocklist}", zones))
+    """Fill the placeholders in one pass (a reason containing ``{ip}`` stays as it is)."""
+    values = {"reason": reason, "ip": result.ip, "blocklist": ", ".join(result.matches)}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def check_dnsbl(
