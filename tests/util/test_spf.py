@@ -389,3 +389,28 @@ def test_edge_skips_loopback_by_default(server, run_edge):
         client.sendmail("a@localfail.test", ["bob@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
     (envelope,) = edge.queue.envelopes
     assert getattr(envelope, "auth_results", None) is None
+
+
+@pytest.mark.parametrize(
+    ("sender", "helo", "domain", "reason"),
+    [
+        ("nodomain", "h.test", "nodomain", "nodomain is not a domain SPF can check"),
+        ("a@[192.0.2.1]", "h.test", "[192.0.2.1]", "[192.0.2.1] is not a domain SPF can check"),
+        ("a@localhost", "h.test", "localhost", "localhost is not a domain SPF can check"),
+        ("a@b..test", "h.test", "b..test", "b..test is not a domain SPF can check"),
+        ("", "[192.0.2.1]", "[192.0.2.1]", "[192.0.2.1] is not a domain SPF can check"),
+    ],
+)
+def test_uncheckable_domains_are_none_without_query(sender, helo, domain, reason):
+    found = run(check_spf("192.0.2.9", sender, helo, resolver=Resolver(["127.0.0.1:9"])))
+    assert (found.result, found.domain, found.reason) == ("none", domain, reason)
+
+
+def test_a_pyspf_crash_is_temperror(server, monkeypatch):
+    def broken(self, spf=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pyspf.query, "check", broken)
+    found = run(check_spf("192.0.2.9", "a@example.test", "h", resolver=server.resolver()))
+    assert (found.result, found.reason) == (
+        "temperror", "temporary error checking SPF of example.test: SPF check failed: boom")

@@ -226,6 +226,13 @@ def _normalize_ip(ip: str) -> str:
     return str(addr)
 
 
+def _checkable(domain: str) -> bool:
+    """Whether ``domain`` is a multi-label domain name (not an address literal)."""
+    if not domain or domain.startswith("[") or len(domain) > 253 or "." not in domain:
+        return False
+    return all(0 < len(label) < 64 for label in domain.split("."))
+
+
 def _check_blocking(
     resolver: dns.resolver.Resolver, ip: str, sender: str, helo: str | None,
     receiver: str | None, timeout: float,
@@ -233,7 +240,11 @@ def _check_blocking(
     """Run pyspf in this (worker) thread: (result, explanation, problem, identity, sender)."""
     _SYNC_RESOLVER.set(resolver)
     query = pyspf.query(ip, sender, helo or "", receiver=receiver, querytime=timeout)
-    result, _code, explanation = query.check()
+    try:
+        result, _code, explanation = query.check()
+    except Exception as exc:  # a pyspf bug on odd input must not fail the SMTP command
+        log.exception("SPF check of %s from %s failed", sender or helo, ip)
+        return "temperror", "", f"SPF check failed: {exc}", query.ident, query.s
     problem = explanation or ""
     if result in ("permerror", "temperror"):  # pyspf's text without its prefix
         problem = problem.partition(" Error: ")[2] or problem
@@ -263,6 +274,12 @@ async def check_spf(
     sender = sender or ""
     if not sender and not helo:
         return SpfResult("none", ip, "", "", None, "helo", _reason("none", "", ip, ""))
+    identity_domain = (sender.rpartition("@")[2] if sender else helo or "").rstrip(".").lower()
+    if not _checkable(identity_domain):  # RFC 7208 §4.3: malformed or single-label: none
+        checked = sender or f"postmaster@{helo}"
+        return SpfResult("none", ip, checked, identity_domain, helo or None,
+                         "mailfrom" if sender else "helo",
+                         f"{identity_domain or 'the sender'} is not a domain SPF can check")
     sync = (resolver or slimta_dns.get_resolver()).make_sync_resolver()
     # to_thread runs the check in a copy of this context: its resolver stays its own
     result, explanation, problem, identity, checked = await asyncio.to_thread(
