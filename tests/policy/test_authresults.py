@@ -422,3 +422,64 @@ def test_end_to_end(server, run_edge):
         b"From: Alice <alice@local.test>\r\nSubject: hi\r\n\r\n"
     )
     assert body == b"hello\r\n"
+
+
+# --- with the DKIM policies: DkimSign -> DkimVerify -> this -> ArcSeal -------------------
+
+
+def rsa_key(selector: str, domain: str) -> tuple[bytes, str]:
+    """A private key (PEM) and the dnsmasq option publishing its DKIM record."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+    chunks = [record[i:i + 200] for i in range(0, len(record), 200)]
+    return pem, f"--txt-record={selector}._domainkey.{domain}," + ",".join(chunks)
+
+
+def test_with_dkim_verify_and_arc_seal(dnsmasq):
+    from slimta.policy.dkim import ArcSeal, DkimSign, DkimVerify
+
+    author_pem, author_record = rsa_key("sel1", "mail.example.test")
+    fwd_pem, fwd_record = rsa_key("arc1", "forwarder.test")
+    server = dnsmasq([author_record, fwd_record, *RECORDS])
+    server.install()
+
+    async def flow():
+        sent = message(["Alice <alice@example.test>"],
+                       extra=b"Date: Tue, 05 Mar 2024 14:07:09 +0000\r\nTo: bob@example.org\r\n")
+        await DkimSign("sel1", "mail.example.test", author_pem, by="envelope").apply(
+            _sender(sent, "alice@mail.example.test"))
+        received = Envelope("bounce@elsewhere.test", ["bob@example.org"])
+        received.parse(b"".join(sent.flatten()))
+        received.auth_results = {"spf": spf("pass", "bounce@elsewhere.test")}
+        await DkimVerify().apply(received)
+        await AddAuthenticationResults("mx.forwarder.test").apply(received)
+        await ArcSeal("arc1", "forwarder.test", fwd_pem, "mx.forwarder.test").apply(received)
+        sealed = b"".join(received.flatten())
+        return received, sealed, await DkimVerify().verify_arc(sealed)
+
+    received, sealed, arc = run(flow())
+    assert received.auth_results["dmarc"]["result"] == "pass"  # DKIM d= aligned (relaxed)
+    head = sealed.split(b"\r\n\r\n")[0]
+    assert b"ARC-Authentication-Results: i=1; mx.forwarder.test;" in head
+    field = head[head.index(b"Authentication-Results: mx.forwarder.test;"):]
+    assert field.startswith(
+        b"Authentication-Results: mx.forwarder.test;\r\n"
+        b"\tspf=pass smtp.mailfrom=bounce@elsewhere.test;\r\n"
+        b"\tdkim=pass header.d=mail.example.test header.s=sel1 header.b=")
+    assert b"\tdmarc=pass (p=reject) header.from=example.test\r\n" in field
+    assert arc == {"result": "pass", "reason": None, "instance": 1}
+
+
+def _sender(env: Envelope, sender: str) -> Envelope:
+    env.sender = sender
+    return env
