@@ -145,7 +145,9 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 30) -> l
     except dns.exception.Timeout as exc:
         raise pyspf.TempError(f"DNS timeout looking up {qtype} of {name}") from exc
     except dns.exception.DNSException as exc:
-        raise pyspf.TempError(f"DNS error looking up {qtype} of {name}: {exc}") from exc
+        # the details (our name servers' addresses) stay in the log, out of SMTP replies
+        log.info("SPF: %s lookup of %s failed: %s", qtype, name, exc)
+        raise pyspf.TempError(f"DNS lookup of {qtype} of {name} failed") from exc
     key = (name, qtype)
     records = []
     for rdata in answer:
