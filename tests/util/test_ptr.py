@@ -142,7 +142,8 @@ async def test_at_most_ten_names_are_checked():
         forward = [q for q in server.queries if q.question[0].rdtype == dns.rdatatype.A]
     assert result.status == "fail"
     assert len(result.names) == 12
-    assert len(forward) == MAX_PTR_NAMES
+    # distinct names: a loaded machine may make the resolver retransmit a query
+    assert len({q.question[0].name for q in forward}) == MAX_PTR_NAMES
 
 
 # --- PtrLookup ------------------------------------------------------------------
