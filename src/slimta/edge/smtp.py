@@ -154,6 +154,9 @@ class SmtpSession(asyncio.Protocol):
         self.envelope: Envelope | None = None
         #: the client's verified host name, if a validator found one (envelope.client['host'])
         self.client_host: str | None = None
+        #: checks' results for this transaction (SPF at MAIL, ...); becomes
+        #: envelope.auth_results when MAIL is accepted (the same dict)
+        self.auth_results: dict = {}
         self._hooks = edge._hooks
         self._busy = False
         self._paused = False
@@ -405,6 +408,7 @@ class SmtpSession(asyncio.Protocol):
         return self._run_hook("handle_helo", ev.reply, (ev.reply, ev.name), self._respond, ev)
 
     def _on_mail(self, ev: Mail):
+        self.auth_results = {}
         return self._run_hook("handle_mail", ev.reply, (ev.reply, ev.sender, ev.params),
                               self._mail_done, ev)
 
@@ -412,6 +416,7 @@ class SmtpSession(asyncio.Protocol):
         self.conn.respond()
         if self.conn.transaction is not None:
             self.envelope = Envelope(ev.sender)
+            self.envelope.auth_results = self.auth_results
 
     def _on_rcpt(self, ev: Rcpt):
         return self._run_hook("handle_rcpt", ev.reply, (ev.reply, ev.recipient, ev.params),

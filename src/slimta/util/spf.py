@@ -43,12 +43,11 @@ Enforcing in SMTP validators::
 - **One query per transaction.** The result is kept per connection for the
   same sender and HELO name; a decorated ``handle_rcpt`` reuses what
   ``handle_mail`` found.
-- **Where the result goes.** The SMTP edge creates the envelope only after
-  ``handle_mail`` has answered, so the result is recorded on the envelope
-  (``envelope.auth_results['spf']``, see :meth:`SpfResult.as_auth_result`,
-  read by :class:`slimta.policy.authresults.AddAuthenticationResults`) by the
-  decorated ``handle_rcpt``. **Decorate ``handle_rcpt``** (alone or with
-  ``handle_mail``) when the result should reach Authentication-Results.
+- **Where the result goes.** ``envelope.auth_results['spf']`` (see
+  :meth:`SpfResult.as_auth_result`, read by
+  :class:`slimta.policy.authresults.AddAuthenticationResults`). At MAIL it is
+  recorded in ``session.auth_results``, which the SMTP edge hands to the
+  envelope it creates once MAIL is accepted; at RCPT on the envelope itself.
 - **Clients not checked.** Loopback clients (``skip_loopback``) and clients
   that authenticated with AUTH (``skip_authenticated``) are not looked up:
   nothing is enforced or recorded for them.
@@ -435,6 +434,11 @@ class EnforceSpf:
                 sender = envelope.sender if envelope is not None else ""
             else:
                 sender = address
+                # the edge hands the session's auth_results to the envelope
+                # it creates once MAIL is accepted
+                envelope = getattr(validators, "session", None)
+                if envelope is not None and not hasattr(envelope, "auth_results"):
+                    envelope = None
             result = await self.result_for(validators, sender or "")
             if result is not None:
                 if envelope is not None:
