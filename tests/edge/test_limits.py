@@ -210,6 +210,29 @@ def test_failing_counter_fails_open(run_edge, caplog):
     assert "letting the client through" in caplog.text
 
 
+class FakeSession:
+    def __init__(self, ip):
+        self.address = (ip, 25)
+        self.auth = None
+
+
+def test_client_key_aggregates_like_postfix():
+    limits = EdgeLimits(exempt_loopback=False)
+    key = limits.client_key
+    assert key(FakeSession("192.0.2.7")) == "192.0.2.7"
+    assert key(FakeSession("::ffff:192.0.2.7")) == "192.0.2.7"
+    # IPv6: the first 84 bits count (smtpd_client_ipv6_prefix_length)
+    assert key(FakeSession("2001:db8:1:2:3:4:5:6")) == "2001:db8:1:2:3::/84"
+    assert key(FakeSession("2001:db8:1:2:3:fff:0:1")) == "2001:db8:1:2:3::/84"
+    assert key(FakeSession("2001:db8:1:2:4::1")) != "2001:db8:1:2:3::/84"
+    assert EdgeLimits(ipv4_prefix=24).client_key(FakeSession("192.0.2.7")) == "192.0.2.0/24"
+    assert EdgeLimits(ipv6_prefix=128, exempt_loopback=False).client_key(
+        FakeSession("2001:db8::1")) == "2001:db8::1"
+    assert EdgeLimits().client_key(FakeSession("127.0.0.1")) is None
+    assert EdgeLimits().client_key(FakeSession("::1")) is None
+    assert key(FakeSession("/run/smtp.sock")) is None
+
+
 def test_limit_validation():
     with pytest.raises(ValueError):
         Limit(0, 60)
@@ -217,6 +240,8 @@ def test_limit_validation():
         Limit(1, 0)
     with pytest.raises(ValueError):
         EdgeLimits(auth_cooldown=0)
+    with pytest.raises(ValueError):
+        EdgeLimits(ipv6_prefix=129)
 
 
 @pytest.fixture

@@ -71,6 +71,11 @@ AUTH cool-down         AUTH,  ``421 4.7.0 Too many authentication failures, try
   further AUTH attempts and new connections get the 421. (Exchanges that
   never reach ``handle_auth``, such as malformed or cancelled ones, are the
   edge's ``max_auth_failures``' business.)
+- Clients are counted by address, aggregated as Postfix's anvil does
+  (``smtpd_client_ipv4_prefix_length`` 32, ``smtpd_client_ipv6_prefix_length``
+  84): ``ipv4_prefix``/``ipv6_prefix`` set how many leading bits count, so a
+  client cannot escape its IPv6 limits by rotating addresses within its
+  network. IPv4-mapped IPv6 addresses count as IPv4.
 - Clients on loopback addresses (``exempt_loopback``, default true) and in
   ``exempt_networks`` are never counted nor refused.
 - **Fail open**: a counter that fails (Redis down) is logged and lets the
@@ -147,6 +152,8 @@ class EdgeLimits:
         counter: Counter | None = None,
         exempt_loopback: bool = True,
         exempt_networks: Iterable[str] = (),
+        ipv4_prefix: int = 32,
+        ipv6_prefix: int = 84,
         prefix: str = "limits:",
     ):
         if auth_cooldown <= 0:
@@ -159,12 +166,18 @@ class EdgeLimits:
         self.counter: Counter = counter if counter is not None else MemoryCounter()
         self.exempt_loopback = exempt_loopback
         self.exempt_networks = [ipaddress.ip_network(n, strict=False) for n in exempt_networks]
+        if not (0 <= ipv4_prefix <= 32 and 0 <= ipv6_prefix <= 128):
+            raise ValueError("ipv4_prefix must be 0-32 and ipv6_prefix 0-128")
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
         self.prefix = prefix
 
     # --- helpers ------------------------------------------------------------
-    def _client(self, validators: Any) -> str | None:
-        """The client's IP, or None when it is exempt (or has none)."""
-        ip = client_ip(getattr(validators, "session", None))
+    def client_key(self, session: Any) -> str | None:
+        """What a session's client is counted as (its address, or its network
+        when the prefix is shorter than the address), or None when it is exempt
+        or has no IP address."""
+        ip = client_ip(session)
         if ip is None:
             return None
         addr = ipaddress.ip_address(ip)
@@ -172,7 +185,13 @@ class EdgeLimits:
             return None
         if any(addr in net for net in self.exempt_networks):
             return None
-        return ip
+        bits = self.ipv4_prefix if addr.version == 4 else self.ipv6_prefix
+        if bits == addr.max_prefixlen:
+            return ip
+        return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+
+    def _client(self, validators: Any) -> str | None:
+        return self.client_key(getattr(validators, "session", None))
 
     def _who(self, validators: Any, ip: str) -> str:
         user = getattr(validators.session, "auth", None)
