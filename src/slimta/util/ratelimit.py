@@ -139,7 +139,8 @@ class RedisCounter:
     Each hit is one round trip running a Lua script, so counting is atomic
     across hosts and a key always expires. Redis errors propagate: the caller
     decides whether to fail open (the edge limits do, see
-    :mod:`slimta.edge.limits`).
+    :mod:`slimta.edge.limits`). Like any ``redis.asyncio`` client, use one
+    counter from one event loop.
     """
 
     def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "slimta:rate:"):
