@@ -54,6 +54,7 @@ from slimta.smtp.reply import Reply
 from slimta.util.aio import maybe_await
 from slimta.util.clock import SystemClock
 from slimta.util.dnsbl import client_ip
+from slimta.util.redisclient import RedisClientOwner
 
 __all__ = ["Greylist", "GreylistStorage", "MemoryGreylistStorage", "RedisGreylistStorage"]
 
@@ -141,22 +142,14 @@ class MemoryGreylistStorage:
             heapq.heapify(heap)
 
 
-class RedisGreylistStorage:
+class RedisGreylistStorage(RedisClientOwner):
     """Greylist times in Redis (``prefix + key``), shared by several hosts.
 
     ``redis`` is a URL or a ``redis.asyncio.Redis`` client.
     """
 
     def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "slimta:grey:"):
-        if isinstance(redis, str):
-            import redis.asyncio as aioredis
-
-            self.client = aioredis.Redis.from_url(redis)
-            self._owned = True
-        else:
-            self.client = redis
-            self._owned = False
-        self.prefix = prefix
+        super().__init__(redis, prefix)
 
     async def get(self, key: str) -> float | None:
         value = await self.client.get(self.prefix + key)
@@ -176,11 +169,6 @@ class RedisGreylistStorage:
 
     async def delete(self, key: str) -> None:
         await self.client.delete(self.prefix + key)
-
-    async def aclose(self) -> None:
-        """Close the client if this storage created it from a URL."""
-        if self._owned:
-            await self.client.aclose()
 
 
 class Greylist:

@@ -32,6 +32,7 @@ import math
 from typing import Any, Protocol, runtime_checkable
 
 from slimta.util.clock import SystemClock
+from slimta.util.redisclient import RedisClientOwner
 
 __all__ = ["Counter", "MemoryCounter", "RedisCounter"]
 
@@ -131,7 +132,7 @@ return n
 """
 
 
-class RedisCounter:
+class RedisCounter(RedisClientOwner):
     """Counts in Redis, shared by every host that uses the same server and prefix.
 
     ``redis`` is a URL (``redis://127.0.0.1:6379/0``) or a
@@ -144,15 +145,7 @@ class RedisCounter:
     """
 
     def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "slimta:rate:"):
-        if isinstance(redis, str):
-            import redis.asyncio as aioredis
-
-            self.client = aioredis.Redis.from_url(redis)
-            self._owned = True
-        else:
-            self.client = redis
-            self._owned = False
-        self.prefix = prefix
+        super().__init__(redis, prefix)
         self._script = self.client.register_script(_HIT_SCRIPT)
 
     async def hit(self, key: str, window_seconds: float, amount: int = 1) -> int:
@@ -164,8 +157,3 @@ class RedisCounter:
     async def get(self, key: str) -> int:
         value = await self.client.get(self.prefix + key)
         return int(value) if value is not None else 0
-
-    async def aclose(self) -> None:
-        """Close the client if this counter created it from a URL."""
-        if self._owned:
-            await self.client.aclose()
