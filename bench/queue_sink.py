@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -44,6 +43,8 @@ import sqlite3
 import sys
 import tempfile
 import time
+
+from benchloop import add_uvloop_option, loop_factory, stop_event
 
 from slimta.edge.smtp import SmtpEdge
 from slimta.queue import Queue
@@ -61,28 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="bench.local",
         help="name in the banner and the queue (given, so there is no getfqdn() lookup)",
     )
-    ap.add_argument(
-        "--uvloop",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run on uvloop (default: when it can be imported)",
-    )
+    add_uvloop_option(ap)
     ap.add_argument("--pidfile", default=None,
                     help="the sink writes its pid here; --reset signals it (SIGUSR1: stats line)")
     ap.add_argument("--reset", action="store_true",
                     help="empty the messages table of --db (the sink may be running) and exit")
     return ap.parse_args(argv)
-
-
-def loop_factory(want_uvloop: bool | None):
-    """The event loop constructor and its name."""
-    if want_uvloop is None:
-        want_uvloop = importlib.util.find_spec("uvloop") is not None
-    if want_uvloop:
-        import uvloop
-
-        return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
-    return asyncio.new_event_loop, "asyncio"
 
 
 def signal_sink(pidfile: str | None) -> None:
@@ -158,11 +143,8 @@ async def serve(args: argparse.Namespace, db: str, loop_name: str) -> None:
     await queue.started()
     edge = SmtpEdge((args.host, args.port), queue, hostname=args.hostname)
     edge.start()
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGUSR1, stats.report)
+    stopping = stop_event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stats.report)
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")

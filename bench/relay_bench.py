@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -47,6 +46,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from benchloop import add_uvloop_option, loop_factory
 
 # ---- /proc/stat ---------------------------------------------------------------------
 
@@ -146,16 +147,6 @@ async def fill(args: argparse.Namespace) -> int:
 
 
 # ---- deliver ----------------------------------------------------------------------------
-
-
-def loop_factory(want_uvloop: bool | None):
-    if want_uvloop is None:
-        want_uvloop = importlib.util.find_spec("uvloop") is not None
-    if want_uvloop:
-        import uvloop
-
-        return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
-    return asyncio.new_event_loop, "asyncio"
 
 
 async def deliver(args: argparse.Namespace, loop_name: str) -> dict:
@@ -415,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, required=True, help="messages expected")
     p.add_argument("--relay-pool", type=int, default=20)
     p.add_argument("--pool-size", type=int, default=20)
-    p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=None)
+    add_uvloop_option(p)
     p.add_argument("--log", default=None,
                    help="log at INFO to this file (as the slimta daemon logs); default: no log")
 

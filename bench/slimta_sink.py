@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import itertools
-import signal
 import sys
+
+from benchloop import add_uvloop_option, loop_factory, stop_event
 
 from slimta.edge.smtp import SmtpEdge
 
@@ -44,33 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="bench.local",
         help="name in the banner (given, so there is no getfqdn() lookup)",
     )
-    ap.add_argument(
-        "--uvloop",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run on uvloop (default: when it can be imported)",
-    )
+    add_uvloop_option(ap)
     return ap.parse_args(argv)
-
-
-def loop_factory(want_uvloop: bool | None):
-    """The event loop constructor and its name."""
-    if want_uvloop is None:
-        want_uvloop = importlib.util.find_spec("uvloop") is not None
-    if want_uvloop:
-        import uvloop
-
-        return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
-    return asyncio.new_event_loop, "asyncio"
 
 
 async def serve(args: argparse.Namespace, loop_name: str) -> None:
     edge = SmtpEdge((args.host, args.port), DropQueue(), hostname=args.hostname)
     edge.start()
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = stop_event()
     print(f"slimta SmtpEdge sink on {args.host}:{args.port} loop={loop_name}", flush=True)
     try:
         await stopping.wait()
