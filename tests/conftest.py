@@ -210,3 +210,27 @@ def smtp_sink():
     yield start
     for sink in sinks:
         sink.stop()
+
+
+@pytest.fixture
+def redis_prefix(request):
+    """A unique Redis key prefix (``test:<module>:<uuid>:``, the module's name without
+    ``test_``); every key under it on the local Redis is deleted afterwards."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    p = f"test:{module}:{uuid.uuid4().hex}:"
+    yield p
+
+    async def clean():
+        client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+        try:
+            keys = [k async for k in client.scan_iter(match=p + "*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+    asyncio.run(clean())

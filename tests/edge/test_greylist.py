@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import smtplib
-import uuid
 
 import pytest
-import redis.asyncio as aioredis
 
 from slimta.edge.greylist import (
     Greylist,
@@ -106,23 +104,6 @@ def test_bad_arguments():
         Greylist(delay=300, retry_window=300)
     with pytest.raises(ValueError):
         Greylist(whitelist_for=0)
-
-
-@pytest.fixture
-def redis_prefix():
-    p = f"test:greylist:{uuid.uuid4().hex}:"
-    yield p
-
-    async def clean():
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [k async for k in client.scan_iter(match=p + "*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
-
-    run(clean())
 
 
 def test_redis_storage_shared_by_two_hosts(redis_prefix):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import smtplib
 import socket
-import uuid
 
 import pytest
-import redis.asyncio as aioredis
 
 from slimta.edge.limits import EdgeLimits, Limit
 from slimta.edge.smtp import SmtpValidators
@@ -242,23 +239,6 @@ def test_limit_validation():
         EdgeLimits(auth_cooldown=0)
     with pytest.raises(ValueError):
         EdgeLimits(ipv6_prefix=129)
-
-
-@pytest.fixture
-def redis_prefix():
-    p = f"test:limits:{uuid.uuid4().hex}:"
-    yield p
-
-    async def clean():
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [k async for k in client.scan_iter(match=p + "*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
-
-    asyncio.run(clean())
 
 
 def test_two_edges_share_redis_counts(run_edge, redis_prefix):

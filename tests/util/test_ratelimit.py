@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import redis.asyncio as aioredis
@@ -86,33 +85,15 @@ def test_memory_rejects_bad_arguments():
         run(MemoryCounter().hit("a", 0))
 
 
-@pytest.fixture
-def prefix():
-    """A unique key prefix; its keys are deleted afterwards."""
-    p = f"test:ratelimit:{uuid.uuid4().hex}:"
-    yield p
-
-    async def clean():
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [k async for k in client.scan_iter(match=p + "*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
-
-    run(clean())
-
-
-def test_redis_counts_and_expires(prefix):
+def test_redis_counts_and_expires(redis_prefix):
     async def go():
-        c = RedisCounter(REDIS_URL, prefix=prefix)
+        c = RedisCounter(REDIS_URL, prefix=redis_prefix)
         try:
             assert isinstance(c, Counter)
             assert await c.hit("a", 0.4) == 1
             assert await c.hit("a", 0.4, amount=2) == 3
             assert await c.get("a") == 3
-            ttl = await c.client.pttl(prefix + "a")
+            ttl = await c.client.pttl(redis_prefix + "a")
             assert 0 < ttl <= 400
             await asyncio.sleep(0.6)
             assert await c.get("a") == 0
@@ -123,11 +104,11 @@ def test_redis_counts_and_expires(prefix):
     run(go())
 
 
-def test_two_redis_counters_share_counts(prefix):
+def test_two_redis_counters_share_counts(redis_prefix):
     async def go():
         client = aioredis.Redis.from_url(REDIS_URL)
-        host1 = RedisCounter(REDIS_URL, prefix=prefix)
-        host2 = RedisCounter(client, prefix=prefix)
+        host1 = RedisCounter(REDIS_URL, prefix=redis_prefix)
+        host2 = RedisCounter(client, prefix=redis_prefix)
         try:
             assert await host1.hit("ip:192.0.2.7", 60) == 1
             assert await host2.hit("ip:192.0.2.7", 60) == 2
@@ -145,13 +126,13 @@ def test_two_redis_counters_share_counts(prefix):
     run(go())
 
 
-def test_redis_key_without_ttl_gets_one(prefix):
+def test_redis_key_without_ttl_gets_one(redis_prefix):
     async def go():
-        c = RedisCounter(REDIS_URL, prefix=prefix)
+        c = RedisCounter(REDIS_URL, prefix=redis_prefix)
         try:
-            await c.client.set(prefix + "stale", 5)
+            await c.client.set(redis_prefix + "stale", 5)
             assert await c.hit("stale", 30) == 6
-            assert 0 < await c.client.pttl(prefix + "stale") <= 30_000
+            assert 0 < await c.client.pttl(redis_prefix + "stale") <= 30_000
         finally:
             await c.aclose()
 
