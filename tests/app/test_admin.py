@@ -79,6 +79,18 @@ async def test_binds_loopback_by_default():
     assert (server.host, server.port, server.token) == ("127.0.0.1", 8025, None)
 
 
+async def test_warns_without_token_beyond_loopback(caplog):
+    async with AdminServer(host="127.0.0.1", port=0):
+        pass
+    assert "without a token" not in caplog.text
+    async with AdminServer(host="", port=0, token=TOKEN):
+        pass
+    assert "without a token" not in caplog.text
+    async with AdminServer(host="", port=0):
+        pass
+    assert "without a token" in caplog.text
+
+
 async def test_port_in_use_raises_at_start():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Mapping
@@ -59,6 +60,15 @@ def _entry_json(entry: Any) -> dict:
         "size": entry.size,
         "created": entry.created,
     }
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
 
 
 def _header(envelope: Any, name: str) -> str | None:
@@ -101,18 +111,23 @@ class AdminServer(Service):
     at each request, so a reload may replace them. ``token``: the bearer
     token every request must carry (None: no check; keep the default
     loopback address then). ``start()`` binds at once (``OSError`` for a
-    port in use); ``address`` is the bound (host, port).
+    port in use); ``address`` is the bound (host, port). ``stop()`` lets
+    requests in progress finish for up to ``shutdown_timeout`` seconds.
+    Without a token on an address other than loopback, start() logs a
+    warning: anyone who reaches it can delete queued mail.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8025, token: str | None = None,
                  metrics: Any = None, queues: Mapping[str, Any] | None = None, *,
-                 health_timeout: float = 5.0, access_log: bool = False):
+                 health_timeout: float = 5.0, shutdown_timeout: float = 5.0,
+                 access_log: bool = False):
         self.host = host
         self.port = port
         self.token = token
         self.metrics = metrics
         self.queues: Mapping[str, Any] = queues if queues is not None else {}
         self.health_timeout = health_timeout
+        self.shutdown_timeout = shutdown_timeout
         self.access_log = access_log
         self.started_at = time.time()
         self._sock = None
@@ -127,6 +142,9 @@ class AdminServer(Service):
     def _prepare(self) -> None:
         if self._sock is None:
             self._sock = bind_listener((self.host, self.port))
+            if self.token is None and not _is_loopback(self.address[0]):
+                log.warning("admin endpoint on %s without a token: anyone who can reach it "
+                            "can read and delete queued mail", self.address[0])
 
     async def _begin(self) -> None:
         app = web.Application(middlewares=[self._errors, self._auth])
@@ -142,9 +160,11 @@ class AdminServer(Service):
             web.post("/queues/{name}/{id}/{action:retry|hold|release}", self._action),
         ])
         kwargs: dict[str, Any] = {} if self.access_log else {"access_log": None}
-        self._runner = web.AppRunner(app, handle_signals=False, **kwargs)
+        self._runner = web.AppRunner(app, handle_signals=False,
+                                     shutdown_timeout=self.shutdown_timeout, **kwargs)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
+        self.started_at = time.time()
         log.info("admin endpoint on http://%s:%d/", *self.address[:2])
 
     async def _end(self) -> None:
