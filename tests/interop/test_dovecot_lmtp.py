@@ -15,18 +15,15 @@ in the users file).
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import tempfile
-import textwrap
 import time
 
 import pytest
 
+from daemons import daemon_dir, dovecot_setup, free_port, read_log, start_dovecot, wait_gone
 from slimta.envelope import Envelope
 from slimta.relay import PermanentRelayError, TransientRelayError
 from slimta.relay.smtp import session as session_module
@@ -49,85 +46,29 @@ DATA = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 class Dovecot:
     """A private Dovecot LMTP server; ``maildir(user)`` is that user's Maildir."""
 
     def __init__(self, binary: str, users: tuple[str, ...] = ("alice", "bob")):
-        self.base = tempfile.mkdtemp(prefix="slimta-lmtp-")
-        os.chmod(self.base, 0o755)
+        self.base = daemon_dir("slimta-lmtp-")
         self.master: int | None = None
-        if os.geteuid() == 0:
-            user, group, uid, gid = "nobody", "nogroup", 65534, 65534
-        else:
-            user = getpass.getuser()
-            group, uid, gid = str(os.getgid()), os.getuid(), os.getgid()
-        self.mail = os.path.join(self.base, "mail")
-        os.mkdir(self.mail)
-        os.chown(self.mail, uid, gid)
-        users_file = os.path.join(self.base, "users")
-        with open(users_file, "w") as f:
-            for name in users:
-                f.write(f"{name}@example.test:{{PLAIN}}x:{uid}:{gid}::{self.mail}/{name}::\n")
-        os.chmod(users_file, 0o644)
-        self.port = _free_port()
+        self.port = free_port()
         self.socket_path = os.path.join(self.base, "lmtp.sock")
         self.log = os.path.join(self.base, "dovecot.log")
-        conf = os.path.join(self.base, "dovecot.conf")
-        with open(conf, "w") as f:
-            f.write(textwrap.dedent(f"""\
-                base_dir = {self.base}/run
-                state_dir = {self.base}/state
-                log_path = {self.log}
-                protocols = lmtp
-                ssl = no
-                default_internal_user = {user}
-                default_internal_group = {group}
-                default_login_user = {user}
-                mail_location = maildir:{self.mail}/%n
-                mail_save_crlf = yes
-                first_valid_uid = 0
-                passdb {{
-                  driver = passwd-file
-                  args = {users_file}
-                }}
-                userdb {{
-                  driver = passwd-file
-                  args = {users_file}
-                }}
-                service lmtp {{
-                  inet_listener lmtp {{
-                    address = 127.0.0.1
-                    port = {self.port}
-                  }}
-                  unix_listener {self.socket_path} {{
-                    mode = 0666
-                  }}
-                }}
-            """))
-        os.chmod(conf, 0o644)
+        conf, self.mail = dovecot_setup(self.base, users, protocols="lmtp", settings=f"""\
+            mail_save_crlf = yes
+            service lmtp {{
+              inet_listener lmtp {{
+                address = 127.0.0.1
+                port = {self.port}
+              }}
+              unix_listener {self.socket_path} {{
+                mode = 0666
+              }}
+            }}
+        """)
         try:
-            with open(os.path.join(self.base, "start.log"), "wb") as out:
-                # the daemon keeps its stdout and stderr: give it a file, not a pipe
-                subprocess.run([binary, "-c", conf], check=True, stdin=subprocess.DEVNULL,
-                               stdout=out, stderr=out, timeout=30)
+            start_dovecot(binary, conf)
             self._wait_listening()
         except BaseException:
             self.stop()
@@ -156,11 +97,7 @@ class Dovecot:
                 time.sleep(0.05)
 
     def log_text(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def maildir(self, user: str) -> str:
         return os.path.join(self.mail, user)
@@ -184,9 +121,7 @@ class Dovecot:
         if self.master is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.master, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while not _gone(self.master) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_gone(self.master, 10, 0.05)
             self.master = None
         print(self.log_text())
         shutil.rmtree(self.base, ignore_errors=True)

@@ -22,12 +22,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import textwrap
 import time
 
 import pytest
 
+from daemons import daemon_dir, free_port, read_log, wait_gone
 from slimta.envelope import Envelope
 from slimta.relay import PermanentRelayError, TransientRelayError
 from slimta.relay.smtp.static import StaticSmtpRelay
@@ -45,20 +45,6 @@ DATA = (
     b".\r\n"
     b"last line\r\n"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _postconf_default(postconf: str, name: str) -> str:
@@ -80,8 +66,7 @@ class Postfix:
         self.postqueue = tool("postqueue")
         self.postcat = tool("postcat")
         openssl = tool("openssl")
-        self.base = tempfile.mkdtemp(prefix="slimta-postfix-")
-        os.chmod(self.base, 0o755)
+        self.base = daemon_dir("slimta-postfix-")
         self.etc = os.path.join(self.base, "etc")
         self.queue = os.path.join(self.base, "queue")
         data = os.path.join(self.base, "data")
@@ -89,7 +74,7 @@ class Postfix:
             os.mkdir(d)
         shutil.chown(data, "postfix", "postfix")
         self.log = os.path.join(self.base, "maillog")
-        self.port = _free_port()
+        self.port = free_port()
         self.started = False
         self.cert = os.path.join(self.base, "cert.pem")
         subprocess.run(
@@ -203,11 +188,7 @@ class Postfix:
             time.sleep(0.1)
 
     def log_text(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     async def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
         """The first match of ``pattern`` in the log (postlogd writes it a moment later).
@@ -246,9 +227,8 @@ class Postfix:
                 pass
             subprocess.run([self.postfix, "-c", self.etc, "stop"], capture_output=True,
                            timeout=60, stdin=subprocess.DEVNULL)
-            deadline = time.monotonic() + 15
-            while master is not None and _running(master) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            if master is not None:
+                wait_gone(master, 15, 0.05)
         print(self.log_text())
         shutil.rmtree(self.base, ignore_errors=True)
 

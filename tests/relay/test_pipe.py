@@ -9,20 +9,18 @@ own dovecot-lda into a real Maildir.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import shutil
 import signal
 import stat
-import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
 import pytest
 
+from daemons import daemon_dir, dovecot_setup, start_dovecot, wait_gone
 from slimta.envelope import Envelope
 from slimta.relay import PermanentRelayError, TransientRelayError
 from slimta.relay.pipe import DovecotLdaRelay, MaildropRelay, PipeRelay
@@ -90,28 +88,6 @@ def program(tmp_path):
         return FakeProgram(tmp_path, name, code, **kwargs)
 
     return make
-
-
-def gone(pid: int) -> bool:
-    """True when ``pid`` no longer runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gone(pid):
-            return True
-        time.sleep(0.02)
-    return gone(pid)
 
 
 # --- arguments and macros ----------------------------------------------------------
@@ -565,47 +541,9 @@ def dovecot(tool):
     dovecot_bin = tool("dovecot")
     if not os.access(LDA, os.X_OK):
         pytest.fail(f"{LDA} is not installed (Debian package dovecot-core, see .ci/run)")
-    base = tempfile.mkdtemp(prefix="slimta-lda-")
-    os.chmod(base, 0o755)
-    if os.geteuid() == 0:
-        user, group, uid, gid = "nobody", "nogroup", 65534, 65534
-    else:
-        user = getpass.getuser()
-        group, uid, gid = str(os.getgid()), os.getuid(), os.getgid()
-    mail = os.path.join(base, "mail")
-    os.mkdir(mail)
-    os.chown(mail, uid, gid)
-    users = os.path.join(base, "users")
-    with open(users, "w") as f:
-        f.write(f"alice@example.test:{{PLAIN}}x:{uid}:{gid}::{mail}/alice::\n")
-    os.chmod(users, 0o644)
-    conf = os.path.join(base, "dovecot.conf")
-    with open(conf, "w") as f:
-        f.write(textwrap.dedent(f"""\
-            base_dir = {base}/run
-            state_dir = {base}/state
-            log_path = {base}/dovecot.log
-            protocols =
-            ssl = no
-            default_internal_user = {user}
-            default_internal_group = {group}
-            default_login_user = {user}
-            mail_location = maildir:{mail}/%n
-            first_valid_uid = 0
-            passdb {{
-              driver = passwd-file
-              args = {users}
-            }}
-            userdb {{
-              driver = passwd-file
-              args = {users}
-            }}
-        """))
-    os.chmod(conf, 0o644)
-    with open(os.path.join(base, "start.log"), "wb") as out:
-        # The daemon keeps its stdout and stderr: give it a file, not a pipe.
-        subprocess.run([dovecot_bin, "-c", conf], check=True, stdin=subprocess.DEVNULL,
-                       stdout=out, stderr=out, timeout=30)
+    base = daemon_dir("slimta-lda-")
+    conf, mail = dovecot_setup(base, ["alice"])
+    start_dovecot(dovecot_bin, conf)
     with open(os.path.join(base, "run", "master.pid")) as f:
         master = int(f.read())
     try:
