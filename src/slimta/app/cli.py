@@ -7,6 +7,8 @@ import logging
 import click
 
 import slimta
+from slimta.app.queuecli import queue
+from slimta.app.send import send
 
 __all__ = ["main"]
 
@@ -42,3 +44,7 @@ def serve(listen: str, hostname: str | None, max_size: int) -> None:
     edge.start()
     click.echo(f"slimta {slimta.__version__}: SMTP on {listen} (in-memory queue; Ctrl-C stops)")
     slimta.run_forever()
+
+
+main.add_command(queue)
+main.add_command(send)

@@ -1,0 +1,646 @@
+"""``slimta queue``: look at and manage a queue, as ``postqueue``/``postsuper`` do for Postfix.
+
+The commands talk to a :class:`QueueClient`. :class:`SqliteQueueClient` works
+directly on the SQLite file of a :class:`~slimta.queue.sqlite.SqliteStorage`
+whose daemon is stopped (a client for a running daemon, through its admin
+endpoint, implements the same interface).
+
+One process uses a queue file at a time (see :mod:`slimta.queue.sqlite`), and
+a running daemon keeps its schedule in memory: a change made behind its back
+would be ignored or undone. So :class:`SqliteQueueClient` refuses to change a
+file that another process has open (it sees SQLite's lock on the ``-shm``
+file); reading (``list``, ``show``, ``stats``) is safe at any time.
+
+JSON output (``--json``), times in seconds since the epoch:
+
+``list``
+    ``[{"id", "size", "arrival", "sender", "recipients" (not yet delivered),
+    "attempts", "next_attempt", "last_reply", "held"}, ...]``, by next attempt.
+``show``
+    ``{"id", "size", "arrival", "sender", "recipients" (all), "pending",
+    "delivered", "attempts", "next_attempt", "last_reply", "held",
+    "envelope" (the stored metadata, see :mod:`slimta.queue.record`),
+    "message"}``; ``message`` is the raw message as text, or ``null`` with
+    ``"message_base64"`` when it is not UTF-8.
+``retry``, ``hold``, ``release``, ``delete``, ``flush``
+    ``{"done": [ids], "missing": [ids]}``.
+``stats``
+    ``{"messages", "held", "recipients", "bytes"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from slimta.queue.storage import QueueEntry
+
+__all__ = [
+    "EXIT_MISSING",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "BatchResult",
+    "MessageDetail",
+    "QueueBusyError",
+    "QueueClient",
+    "QueueUnavailableError",
+    "SqliteQueueClient",
+    "queue",
+    "queue_file_in_use",
+]
+
+#: Everything was done.
+EXIT_OK = 0
+#: At least one id was not found (the others were still processed).
+EXIT_MISSING = 1
+#: Bad arguments, or the queue cannot be used (no such file, in use by a daemon, ...).
+EXIT_USAGE = 2
+
+#: Ids handled per step of a bulk operation (one transaction with SqliteStorage).
+BATCH = 500
+
+Progress = Callable[[int, int], None]
+
+
+class QueueUnavailableError(Exception):
+    """The queue cannot be opened or used (missing, not a slimta queue, unreadable)."""
+
+
+class QueueBusyError(QueueUnavailableError):
+    """The queue file is open in another process (a running daemon): changes are refused."""
+
+
+@dataclass
+class BatchResult:
+    """The outcome of an operation on several ids: those done and those not found."""
+
+    done: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"done": self.done, "missing": self.missing}
+
+
+@dataclass
+class MessageDetail:
+    """One queued message for ``show``: its state, stored metadata and raw bytes."""
+
+    id: str
+    envelope: dict[str, Any]  # the stored metadata (slimta.queue.record format)
+    data: bytes
+    delivered: list[int]  # indexes into envelope["recipients"]
+    attempts: int
+    next_attempt: float
+    last_reply: str | None
+    held: bool
+
+    @property
+    def recipients(self) -> list[str]:
+        return list(self.envelope.get("recipients") or [])
+
+    @property
+    def pending(self) -> list[str]:
+        done = set(self.delivered)
+        return [r for i, r in enumerate(self.recipients) if i not in done]
+
+    def to_json(self) -> dict[str, Any]:
+        done = set(self.delivered)
+        out: dict[str, Any] = {
+            "id": self.id,
+            "size": len(self.data),
+            "arrival": self.envelope.get("timestamp"),
+            "sender": self.envelope.get("sender"),
+            "recipients": self.recipients,
+            "pending": self.pending,
+            "delivered": [r for i, r in enumerate(self.recipients) if i in done],
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "last_reply": self.last_reply,
+            "held": self.held,
+            "envelope": self.envelope,
+        }
+        try:
+            out["message"] = self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            out["message"] = None
+            out["message_base64"] = base64.b64encode(self.data).decode("ascii")
+        return out
+
+
+def entry_to_json(entry: QueueEntry) -> dict[str, Any]:
+    """One ``list --json`` item."""
+    return {
+        "id": entry.id,
+        "size": entry.size,
+        "arrival": entry.created,
+        "sender": entry.sender,
+        "recipients": list(entry.recipients),
+        "attempts": entry.attempts,
+        "next_attempt": entry.next_attempt,
+        "last_reply": entry.last_reply,
+        "held": entry.held,
+    }
+
+
+class QueueClient(ABC):
+    """What the ``slimta queue`` commands need from a queue, wherever it is.
+
+    Use it as ``async with client:``. Operations on several ids process
+    every id they can and report the others as missing; ``progress(done,
+    total)``, when given, is called as a long operation advances.
+    """
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect; raises :class:`QueueUnavailableError`."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Disconnect."""
+
+    async def __aenter__(self) -> QueueClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def list(self) -> list[QueueEntry]:
+        """Every message, held ones included, by next attempt."""
+
+    @abstractmethod
+    async def show(self, id: str) -> MessageDetail:
+        """One message; :class:`KeyError` if there is none."""
+
+    @abstractmethod
+    async def retry(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        """Make these messages due now."""
+
+    @abstractmethod
+    async def hold(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        """Keep these messages without attempting them until released."""
+
+    @abstractmethod
+    async def release(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        """Release held messages; they are due now."""
+
+    @abstractmethod
+    async def delete(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        """Remove messages without delivering or bouncing them."""
+
+    @abstractmethod
+    async def flush(self, progress: Progress | None = None) -> BatchResult:
+        """Make every message that is not held due now."""
+
+    @abstractmethod
+    async def stats(self) -> dict[str, int]:
+        """``{'messages', 'held', 'recipients', 'bytes'}``."""
+
+
+# SQLite's unix VFS: every connection to a WAL database holds a read lock on
+# this byte of the "-shm" file while it is open (the "DMS" lock, os_unix.c).
+_SHM_DMS_OFFSET = 128
+
+
+def queue_file_in_use(path: str | os.PathLike[str]) -> bool:
+    """True if another process has the SQLite database ``path`` open.
+
+    Tries a write lock on the byte of the ``-shm`` file that every open WAL
+    connection holds a read lock on; only a live process can hold it (the
+    kernel drops the locks of a process that died). The lock is released at
+    once.
+
+    Call it only before this process opens the database: POSIX locks belong
+    to the process, so its own connections do not count, and closing the
+    file here would drop the locks SQLite holds on it for this process.
+    """
+    shm = os.fspath(path) + "-shm"
+    try:
+        fd = os.open(shm, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True  # a daemon running as another user: assume it is there
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_OFFSET, os.SEEK_SET)
+        except OSError:
+            return True
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, _SHM_DMS_OFFSET, os.SEEK_SET)
+        return False
+    finally:
+        os.close(fd)
+
+
+class SqliteQueueClient(QueueClient):
+    """A :class:`QueueClient` on the SQLite queue file ``path`` of a stopped daemon.
+
+    The file must exist. Changes are refused with :class:`QueueBusyError`
+    while another process has the file open; reads are allowed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], batch: int = BATCH) -> None:
+        self.path = os.fspath(path)
+        self.batch = batch
+        self._storage: Any = None
+        self._busy = False
+
+    async def open(self) -> None:
+        from slimta.queue.sqlite import SqliteStorage, StorageVersionError
+
+        if not os.path.isfile(self.path):
+            raise QueueUnavailableError(f"no queue file at {self.path!r}")
+        # before our own connections exist (see queue_file_in_use)
+        self._busy = queue_file_in_use(self.path)
+        storage = SqliteStorage(self.path, busy_timeout=5.0, readers=1)
+        try:
+            await storage.open()
+        except (StorageVersionError, sqlite3.Error) as exc:
+            raise QueueUnavailableError(f"cannot open the queue {self.path!r}: {exc}") from exc
+        self._storage = storage
+
+    async def close(self) -> None:
+        if self._storage is not None:
+            await self._storage.close()
+            self._storage = None
+
+    def _writable(self) -> None:
+        if self._busy:
+            raise QueueBusyError(
+                f"the queue {self.path!r} is open in another process (a running daemon?): "
+                "stop it before changing its queue file"
+            )
+
+    async def _each(self, ids: Sequence[str], op: Callable[[str], Awaitable[bool]],
+                    progress: Progress | None) -> BatchResult:
+        """``op(id)`` for every id, a batch at a time (one transaction per batch)."""
+        self._writable()
+        result = BatchResult()
+        total = len(ids)
+        for start in range(0, total, self.batch):
+            chunk = ids[start:start + self.batch]
+            found = await asyncio.gather(*(self._found(op, id) for id in chunk))
+            for id, ok in zip(chunk, found, strict=True):
+                (result.done if ok else result.missing).append(id)
+            if progress is not None:
+                progress(min(start + self.batch, total), total)
+        return result
+
+    @staticmethod
+    async def _found(op: Callable[[str], Awaitable[bool]], id: str) -> bool:
+        try:
+            return await op(id)
+        except KeyError:
+            return False
+
+    async def list(self) -> list[QueueEntry]:
+        return await self._storage.list()
+
+    async def show(self, id: str) -> MessageDetail:
+        from slimta.queue.record import envelope_to_record
+
+        stored = await self._storage.get(id)
+        meta, data = envelope_to_record(stored.envelope)
+        return MessageDetail(
+            id=id, envelope=meta, data=data, delivered=sorted(stored.delivered),
+            attempts=stored.attempts, next_attempt=stored.timestamp,
+            last_reply=stored.last_reply, held=stored.held,
+        )
+
+    async def _due_now(self, id: str) -> bool:
+        await self._storage.set_timestamp(id, time.time())
+        return True
+
+    async def retry(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._each(ids, self._due_now, progress)
+
+    async def hold(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        async def op(id: str) -> bool:
+            await self._storage.set_held(id, True)
+            return True
+
+        return await self._each(ids, op, progress)
+
+    async def release(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        async def op(id: str) -> bool:
+            await self._storage.set_held(id, False)
+            return await self._due_now(id)
+
+        return await self._each(ids, op, progress)
+
+    async def delete(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._each(ids, self._storage.remove, progress)
+
+    async def flush(self, progress: Progress | None = None) -> BatchResult:
+        self._writable()
+        ids = [id for _, id in await self._storage.load()]
+        return await self._each(ids, self._due_now, progress)
+
+    async def stats(self) -> dict[str, int]:
+        return dict(await self._storage.stats())
+
+
+# --- the commands ------------------------------------------------------------
+
+_FULL_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class _Unavailable(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def _err(text: str) -> None:
+    click.echo(f"slimta queue: {text}", err=True)
+
+
+def _run(ctx: click.Context, job: Callable[[QueueClient], Awaitable[int]]) -> None:
+    """Open the client, run ``job`` with it, exit with the code it returns."""
+    factory: Callable[[], QueueClient] = ctx.obj
+
+    async def main() -> int:
+        async with factory() as client:
+            return await job(client)
+
+    try:
+        code = asyncio.run(main())
+    except QueueUnavailableError as exc:
+        raise _Unavailable(str(exc)) from exc
+    ctx.exit(code)
+
+
+async def _resolve(client: QueueClient, ids: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Full ids for ``ids``: an id may be shortened to a unique prefix. (found, missing)."""
+    ids = list(dict.fromkeys(i.strip().lower() for i in ids))
+    if all(_FULL_ID.fullmatch(i) for i in ids):
+        return ids, []
+    known = [e.id for e in await client.list()]
+    found, missing = [], []
+    for i in ids:
+        if _FULL_ID.fullmatch(i):
+            found.append(i)
+            continue
+        matches = [k for k in known if k.startswith(i)] if i else []
+        if len(matches) == 1:
+            found.append(matches[0])
+        else:
+            if len(matches) > 1:
+                _err(f"{i!r} is ambiguous ({len(matches)} messages)")
+            missing.append(i)
+    return found, missing
+
+
+def _reporter(verb: str) -> Progress:
+    """Progress on stderr for long operations (more than one batch)."""
+    tty = sys.stderr.isatty()
+
+    def report(done: int, total: int) -> None:
+        if total <= BATCH:
+            return
+        end = "\n" if (done >= total or not tty) else "\r"
+        click.echo(f"slimta queue: {verb} {done}/{total}", err=True, nl=False)
+        click.echo(end, err=True, nl=False)
+
+    return report
+
+
+def _finish(verb: str, result: BatchResult, missing: list[str], as_json: bool) -> int:
+    result.missing = missing + result.missing
+    for id in result.missing:
+        _err(f"no message {id}")
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    n = len(result.done)
+    _err(f"{verb} {n} message{'' if n == 1 else 's'}")
+    return EXIT_MISSING if result.missing else EXIT_OK
+
+
+def _batch_command(name: str, verb: str, method: str, help: str) -> click.Command:
+    @click.command(name, help=help)
+    @click.argument("ids", nargs=-1, required=True, metavar="ID...")
+    @click.option("--json", "as_json", is_flag=True, help="Print {done, missing} as JSON.")
+    @click.pass_context
+    def command(ctx: click.Context, ids: tuple[str, ...], as_json: bool) -> None:
+        async def job(client: QueueClient) -> int:
+            found, missing = await _resolve(client, ids)
+            result = await getattr(client, method)(found, _reporter(verb))
+            return _finish(verb, result, missing, as_json)
+
+        _run(ctx, job)
+
+    return command
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def _print_list(entries: list[QueueEntry]) -> None:
+    if not entries:
+        click.echo("Mail queue is empty")
+        return
+    now = time.time()
+    click.echo(f"{'ID':<33} {'SIZE':>8}  {'ARRIVAL':<19}  SENDER/RECIPIENTS")
+    for e in entries:
+        mark = "!" if e.held else " "
+        click.echo(f"{e.id}{mark} {e.size:>8}  {_when(e.created):<19}  <{e.sender}>")
+        if e.held:
+            state = "held"
+        elif e.next_attempt <= now:
+            state = "due now"
+        else:
+            state = f"next attempt {_when(e.next_attempt)}"
+        line = f"attempts {e.attempts}, {state}"
+        if e.last_reply:
+            line += f", last reply: {e.last_reply}"
+        click.echo(f"{'':>4}{line}")
+        for rcpt in e.recipients:
+            click.echo(f"{'':>8}<{rcpt}>")
+    held = sum(1 for e in entries if e.held)
+    rcpts = sum(len(e.recipients) for e in entries)
+    size = sum(e.size for e in entries)
+    n = len(entries)
+    click.echo(f"-- {n} message{'' if n == 1 else 's'} ({held} held), {rcpts} recipient"
+               f"{'' if rcpts == 1 else 's'}, {_size(size)}")
+
+
+def _print_detail(d: MessageDetail) -> None:
+    meta = d.envelope
+    done = set(d.delivered)
+    client = meta.get("client") or {}
+    lines = [
+        ("id", d.id),
+        ("state", "held" if d.held else "queued"),
+        ("size", str(len(d.data))),
+        ("arrival", _when(meta.get("timestamp"))),
+        ("attempts", str(d.attempts)),
+        ("next attempt", "never (held)" if d.held else _when(d.next_attempt)),
+        ("last reply", d.last_reply or "-"),
+        ("sender", f"<{meta.get('sender') or ''}>"),
+    ]
+    for i, rcpt in enumerate(d.recipients):
+        lines.append(("recipient", f"<{rcpt}>" + (" (delivered)" if i in done else "")))
+    info = ", ".join(f"{k}={v}" for k, v in client.items() if v is not None)
+    lines.append(("client", info or "-"))
+    lines.append(("received by", meta.get("receiver") or "-"))
+    for key in ("ret", "envid", "auth"):
+        if meta.get(key) is not None:
+            lines.append((key, str(meta[key])))
+    lines.append(("body", f"{meta.get('body') or '7BIT'}"
+                          f"{', SMTPUTF8' if meta.get('smtputf8') else ''}"))
+    for key, value in lines:
+        click.echo(f"{key + ':':<14}{value}")
+    click.echo()
+    out = click.get_binary_stream("stdout")
+    out.write(d.data if d.data.endswith(b"\n") or not d.data else d.data + b"\n")
+    out.flush()
+
+
+_QUEUE_HELP = """Look at and manage a queue, like Postfix's postqueue and postsuper.
+
+\b
+--db works on the SQLite queue file of a STOPPED daemon. Reading (list,
+show, stats) is safe at any time; changes are refused while another
+process (a running daemon) has the file open: a daemon keeps its schedule
+in memory and would not see them.
+
+Ids may be shortened to a unique prefix.
+
+\b
+Exit codes:
+  0  done
+  1  some id was not found (the others were still processed)
+  2  usage error, or the queue cannot be used (missing file, not a
+     slimta queue, in use by a running daemon)
+"""
+
+
+@click.group("queue", help=_QUEUE_HELP)
+@click.option("--db", "db", required=True, envvar="SLIMTA_QUEUE_DB", metavar="PATH",
+              type=click.Path(dir_okay=False),
+              help="The SQLite queue file (or $SLIMTA_QUEUE_DB).")
+@click.pass_context
+def queue(ctx: click.Context, db: str) -> None:
+    ctx.obj = lambda: SqliteQueueClient(db)
+
+
+@queue.command("list", short_help="Every message, like postqueue -p.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """Every message: id ('!' after it: held), size, arrival, sender, attempts,
+    next attempt, last reply and the recipients not yet delivered."""
+
+    async def job(client: QueueClient) -> int:
+        entries = await client.list()
+        if as_json:
+            click.echo(json.dumps([entry_to_json(e) for e in entries]))
+        else:
+            _print_list(entries)
+        return EXIT_OK
+
+    _run(ctx, job)
+
+
+@queue.command()
+@click.argument("id")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def show(ctx: click.Context, id: str, as_json: bool) -> None:
+    """The envelope and state of message ID, then the message itself."""
+
+    async def job(client: QueueClient) -> int:
+        found, missing = await _resolve(client, [id])
+        try:
+            if missing:
+                raise KeyError(id)
+            detail = await client.show(found[0])
+        except KeyError:
+            _err(f"no message {id}")
+            return EXIT_MISSING
+        if as_json:
+            click.echo(json.dumps(detail.to_json()))
+        else:
+            _print_detail(detail)
+        return EXIT_OK
+
+    _run(ctx, job)
+
+
+@queue.command()
+@click.argument("ids", nargs=-1, metavar="ID...")
+@click.option("--all", "all_", is_flag=True, help="Every message that is not held.")
+@click.option("--json", "as_json", is_flag=True, help="Print {done, missing} as JSON.")
+@click.pass_context
+def retry(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bool) -> None:
+    """Make messages due now (attempted when the daemon runs)."""
+    if all_ == bool(ids):
+        raise click.UsageError("give message ids or --all (not both)")
+
+    async def job(client: QueueClient) -> int:
+        if all_:
+            return _finish("retried", await client.flush(_reporter("retried")), [], as_json)
+        found, missing = await _resolve(client, ids)
+        return _finish("retried", await client.retry(found, _reporter("retried")), missing,
+                       as_json)
+
+    _run(ctx, job)
+
+
+queue.add_command(_batch_command(
+    "hold", "held", "hold", "Keep messages in the queue without attempting them."))
+queue.add_command(_batch_command(
+    "release", "released", "release", "Release held messages; they are due now."))
+queue.add_command(_batch_command(
+    "delete", "deleted", "delete", "Remove messages without delivering or bouncing them."))
+
+
+@queue.command(short_help="Make every message not held due now.")
+@click.option("--json", "as_json", is_flag=True, help="Print {done, missing} as JSON.")
+@click.pass_context
+def flush(ctx: click.Context, as_json: bool) -> None:
+    """Make every message that is not held due now (the same as retry --all)."""
+
+    async def job(client: QueueClient) -> int:
+        return _finish("flushed", await client.flush(_reporter("flushed")), [], as_json)
+
+    _run(ctx, job)
+
+
+@queue.command(short_help="Counts of messages, held, recipients, bytes.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts: messages, held messages, recipients not yet delivered, bytes."""
+
+    async def job(client: QueueClient) -> int:
+        counts = await client.stats()
+        if as_json:
+            click.echo(json.dumps(counts))
+        else:
+            for key, value in counts.items():
+                click.echo(f"{key + ':':<12}{value}")
+        return EXIT_OK
+
+    _run(ctx, job)
