@@ -263,6 +263,17 @@ class ScriptedDnsServer:
 
 
 @contextlib.contextmanager
+def shared_resolver(resolver: slimta_dns.Resolver) -> Iterator[slimta_dns.Resolver]:
+    """Make ``resolver`` the process-wide resolver for the ``with`` block, then put the
+    previous one back."""
+    previous = slimta_dns.set_resolver(resolver)
+    try:
+        yield resolver
+    finally:
+        slimta_dns.set_resolver(previous)
+
+
+@contextlib.contextmanager
 def silent_udp_port() -> Iterator[int]:
     """A UDP port on 127.0.0.1 that receives queries and never answers."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

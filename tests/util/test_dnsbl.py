@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import smtplib
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from dnsmasq import ScriptedDnsServer, silent_udp_port, zone
+from dnsmasq import ScriptedDnsServer, shared_resolver, silent_udp_port, zone
 from slimta.edge.smtp import SmtpValidators
 from slimta.util import dns as sdns
 from slimta.util.dnsbl import (
@@ -57,15 +56,6 @@ def zones(dnsmasq):
 async def drain(resolver):
     """Wait for the resolver's own requests still running (they outlive a caller's timeout)."""
     await asyncio.gather(*resolver._inflight.values(), return_exceptions=True)
-
-
-@contextlib.contextmanager
-def shared_resolver(resolver):
-    previous = sdns.set_resolver(resolver)
-    try:
-        yield resolver
-    finally:
-        sdns.set_resolver(previous)
 
 
 # --- names --------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import smtplib
 import threading
 import time
@@ -11,7 +10,7 @@ import time
 import dns.rdatatype
 import pytest
 
-from dnsmasq import ScriptedDnsServer, silent_udp_port, zone
+from dnsmasq import ScriptedDnsServer, shared_resolver, silent_udp_port, zone
 from slimta.edge.smtp import SmtpValidators
 from slimta.util import dns as sdns
 from slimta.util.dnsbl import check_dnsbl
@@ -51,15 +50,6 @@ def names(dnsmasq):
     server = dnsmasq(RECORDS)
     server.install()
     return server
-
-
-@contextlib.contextmanager
-def shared_resolver(resolver):
-    previous = sdns.set_resolver(resolver)
-    try:
-        yield resolver
-    finally:
-        sdns.set_resolver(previous)
 
 
 # --- verify_ptr ---------------------------------------------------------------
