@@ -13,6 +13,7 @@ from slimta.app.metrics import Metrics
 from slimta.envelope import Envelope
 from slimta.queue import Queue
 from slimta.queue.sqlite import SqliteStorage
+from slimta.queue.storage import QueueEntry
 from slimta.relay import Relay, TransientRelayError
 from slimta.smtp.reply import Reply
 
@@ -183,6 +184,7 @@ async def test_list(admin):
     assert "4.4.1 Connection refused" in first["last_reply"]
     assert first["held"] is False
     assert first["size"] == len(MESSAGE)
+    assert QueueEntry(**first).recipients == ["b@example.org"]
     assert entries[admin.ids[1]]["recipients"] == ["c@example.org", "d@example.net"]
     status, body, _ = await admin.request("GET", "/queues/outbound?limit=1")
     assert len(body["entries"]) == 1
@@ -201,7 +203,16 @@ async def test_show(admin):
     assert body["subject"] == "waiting"
     assert body["message_id"] == "<1@example.com>"
     assert body["held"] is False
-    assert "hi" not in str(body.get("body", ""))  # never the body
+    assert body["delivered"] == body["delivered_indexes"] == []
+    assert body["envelope"]["v"] == 1
+    assert body["envelope"]["recipients"] == ["c@example.org", "d@example.net"]
+    assert "message" not in body  # the message only at /message
+    status, text, resp = await admin.request("GET", f"/queues/outbound/{qid}/message")
+    assert status == 200
+    assert resp.content_type == "message/rfc822"
+    assert text.encode() == MESSAGE
+    status, _, _ = await admin.request("GET", "/queues/outbound/0123/message")
+    assert status == 404
 
 
 async def test_hold_release_retry(admin):
@@ -237,7 +248,8 @@ async def test_delete(admin):
 async def test_flush(admin):
     attempts = admin.relay.attempts
     status, body, _ = await admin.request("POST", "/queues/outbound/flush")
-    assert (status, body) == (200, {"queue": "outbound", "action": "flush", "ok": True})
+    assert (status, body) == (200, {"queue": "outbound", "action": "flush", "ok": True,
+                                    "count": 2})
     await admin.queue.join()
     assert admin.relay.attempts == attempts + 2
 

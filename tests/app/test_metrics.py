@@ -110,6 +110,19 @@ async def test_open_connections_are_counted():
     assert sample(metrics.render(), "slimta_connections_total") == 1.0
 
 
+async def test_instrumenting_a_running_edge():
+    metrics = Metrics()
+    queue = Queue(DictStorage())
+    edge = SmtpEdge(("127.0.0.1", 0), queue)
+    async with queue, edge:
+        reader, writer = await asyncio.open_connection(*edge.address)
+        assert (await reader.readline()).startswith(b"220")
+        metrics.instrument_edge(edge)
+        assert sample(metrics.render(), "slimta_connections_current") == 1.0
+        writer.close()
+        await wait_for(lambda: sample(metrics.render(), "slimta_connections_current") == 0)
+
+
 async def test_refused_connections():
     metrics = Metrics()
     queue = Queue(DictStorage())

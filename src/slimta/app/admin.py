@@ -11,7 +11,11 @@ every request needs ``Authorization: Bearer <token>`` (else 401). Routes::
                                         (?limit=N: the first N by next attempt)
     GET    /queues/{name}/stats         the queue's stats
     POST   /queues/{name}/flush         attempt every message that is not held, now
-    GET    /queues/{name}/{id}          one message (entry fields plus envelope details)
+    GET    /queues/{name}/{id}          one message: entry fields plus "all_recipients",
+                                        "delivered" (+ "_indexes"), "subject", "message_id"
+                                        and "envelope" (the stored metadata, see
+                                        slimta.queue.record); never the message itself
+    GET    /queues/{name}/{id}/message  the message as stored (message/rfc822)
     POST   /queues/{name}/{id}/retry    attempt it now
     POST   /queues/{name}/{id}/hold     keep it, attempt it no more
     POST   /queues/{name}/{id}/release  release a held message (attempted at once)
@@ -19,8 +23,10 @@ every request needs ``Authorization: Bearer <token>`` (else 401). Routes::
 
 An entry is ``{"id", "sender", "recipients" (not yet delivered), "attempts",
 "next_attempt" (Unix time), "last_reply", "held", "size", "created"}``. Actions
-answer ``{"queue", "id", "action", "ok": true}``. Errors are JSON
-``{"error": text, "status": code}``: 401, 404 (unknown queue, id or route),
+answer ``{"queue", "id", "action", "ok": true}`` (flush: ``{"queue", "action",
+"ok", "count"}``, the messages not held). The entry fields are those of
+:class:`~slimta.queue.storage.QueueEntry`, so ``QueueEntry(**entry)`` reads one.
+Errors are JSON ``{"error": text, "status": code}``: 401, 404 (unknown queue, id or route),
 405, 400 (a bad parameter), 500 (logged).
 """
 
@@ -37,6 +43,7 @@ from typing import Any
 from aiohttp import web
 
 import slimta
+from slimta.queue.record import envelope_to_record
 from slimta.service import Service
 from slimta.util.listeners import bind_listener
 
@@ -77,27 +84,27 @@ def _header(envelope: Any, name: str) -> str | None:
 
 
 def _message_json(qid: str, stored: Any) -> dict:
-    """One stored message: what ``slimta queue show`` prints (never the body)."""
+    """One stored message: what ``slimta queue show`` prints (the message itself is
+    at ``/message``)."""
     env = stored.envelope
-    header, body = env.flatten()
-    pending = [rcpt for _, rcpt in stored.pending]
+    meta, data = envelope_to_record(env)
+    delivered = sorted(i for i in stored.delivered if 0 <= i < len(env.recipients))
     return {
         "id": qid,
         "sender": env.sender,
-        "recipients": pending,
+        "recipients": [rcpt for _, rcpt in stored.pending],
         "all_recipients": list(env.recipients),
-        "delivered": [env.recipients[i] for i in sorted(stored.delivered)
-                      if 0 <= i < len(env.recipients)],
+        "delivered": [env.recipients[i] for i in delivered],
+        "delivered_indexes": delivered,
         "attempts": stored.attempts,
         "next_attempt": stored.timestamp,
         "last_reply": stored.last_reply,
         "held": stored.held,
-        "size": len(header) + len(body),
+        "size": len(data),
         "created": env.timestamp,
-        "client": dict(env.client),
-        "receiver": env.receiver,
         "subject": _header(env, "Subject"),
         "message_id": _header(env, "Message-ID"),
+        "envelope": meta,
     }
 
 
@@ -156,6 +163,7 @@ class AdminServer(Service):
             web.get("/queues/{name}/stats", self._stats),
             web.post("/queues/{name}/flush", self._flush),
             web.get("/queues/{name}/{id}", self._show),
+            web.get("/queues/{name}/{id}/message", self._message),
             web.delete("/queues/{name}/{id}", self._delete),
             web.post("/queues/{name}/{id}/{action:retry|hold|release}", self._action),
         ])
@@ -272,9 +280,11 @@ class AdminServer(Service):
 
     async def _flush(self, request: web.Request) -> web.Response:
         name, queue = self._queue(request)
+        stats = await queue.stats()
         await queue.flush()
-        log.info("admin: queue %s flushed", name)
-        return web.json_response({"queue": name, "action": "flush", "ok": True})
+        count = max(0, stats.get("messages", 0) - stats.get("held", 0))
+        log.info("admin: queue %s flushed (%d messages)", name, count)
+        return web.json_response({"queue": name, "action": "flush", "ok": True, "count": count})
 
     async def _show(self, request: web.Request) -> web.Response:
         name, queue = self._queue(request)
@@ -284,6 +294,16 @@ class AdminServer(Service):
         except KeyError:
             raise web.HTTPNotFound(reason=f"no message {qid} in queue {name!r}") from None
         return web.json_response({"queue": name, **_message_json(qid, stored)})
+
+    async def _message(self, request: web.Request) -> web.Response:
+        name, queue = self._queue(request)
+        qid = request.match_info["id"]
+        try:
+            stored = await queue.get(qid)
+        except KeyError:
+            raise web.HTTPNotFound(reason=f"no message {qid} in queue {name!r}") from None
+        header, body = stored.envelope.flatten()
+        return web.Response(body=header + body, content_type="message/rfc822")
 
     async def _delete(self, request: web.Request) -> web.Response:
         name, queue = self._queue(request)

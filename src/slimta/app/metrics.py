@@ -166,6 +166,7 @@ class Metrics:
         if admit is None or release is None:
             return
         current = self.connections_current
+        current.inc(len(getattr(edge, "_sessions", ())))  # open before instrumenting
 
         @functools.wraps(admit)
         def counted_admit(session) -> bool:
