@@ -6,6 +6,7 @@ import base64
 import hmac
 
 import pytest
+from smtphelp import HOST, NONCE, b64
 
 from slimta.smtp.auth import (
     PLAINTEXT_MECHANISMS,
@@ -17,15 +18,6 @@ from slimta.smtp.auth import (
     Done,
     Malformed,
 )
-
-HOST = "mx.example.com"
-NONCE = "1896.697170952"
-
-
-def b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
 
 
 def unb64(text: str) -> str:

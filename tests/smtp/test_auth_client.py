@@ -12,6 +12,7 @@ import base64
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from smtphelp import HOST, NONCE, b64
 
 from slimta.smtp.auth import (
     CLIENT_MECHANISMS,
@@ -21,15 +22,6 @@ from slimta.smtp.auth import (
     ClientAuth,
     Done,
 )
-
-HOST = "mx.example.com"
-NONCE = "1896.697170952"
-
-
-def b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
 
 
 def unb64(text: str) -> bytes:

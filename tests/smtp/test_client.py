@@ -14,6 +14,7 @@ import pytest
 from chunking import split_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from smtphelp import HOST, NONCE
 
 from slimta.smtp.client import (
     MAX_REPLY_LINE_LENGTH,
@@ -27,8 +28,6 @@ from slimta.smtp.reply import Reply
 from slimta.smtp.server import Auth, HaveData, Mail, Rcpt, ServerConnection
 
 FAST = settings(max_examples=200, deadline=None)
-HOST = "mx.example.com"
-NONCE = "1896.697170952"
 SECRETS = {"tim": "tanstaaftanstaaf", "jürgen": "pässwörd"}
 
 

@@ -7,7 +7,6 @@ one). No sockets, no asyncio.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import re
 
@@ -15,6 +14,7 @@ import pytest
 from chunking import split_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from smtphelp import HOST, NONCE, b64
 
 from slimta.smtp.data import dot_stuff
 from slimta.smtp.reply import Reply
@@ -31,8 +31,6 @@ from slimta.smtp.server import (
     StartTls,
 )
 
-HOST = "mx.example.com"
-NONCE = "1896.697170952"
 GREETING = Reply("220", f"{HOST} ESMTP Mail Gateway")
 FAST = settings(max_examples=200, deadline=None)
 
@@ -55,12 +53,6 @@ def codes(out: bytes) -> list[str]:
 
 def lines(out: bytes) -> list[str]:
     return out.decode("utf-8").split("\r\n")[:-1]
-
-
-def b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
 
 
 def set_reply(kind, code, message):
@@ -1260,8 +1252,6 @@ def drive(chunks, **overrides):
             conn.respond()
         out.append(conn.data_to_send())
     return rec.seen, b"".join(out), conn
-
-
 
 
 _CRAM = hmac.new(b"pw", f"<{NONCE}@{HOST}>".encode(), "md5").hexdigest()
