@@ -967,6 +967,8 @@ def _kind(parts: list[str | int]) -> str:
     return _SECTIONS.get(str(parts[0]), "entry") if parts else "entry"
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+           "less_than_equal": "<="}
 _TYPE_WORDS = {
     "string_type": "expected a string", "int_type": "expected an integer",
     "int_parsing": "expected an integer", "int_from_float": "expected an integer",
@@ -990,7 +992,8 @@ def _problem(data: Any, err: dict[str, Any]) -> Problem:
     elif kind == "missing" or not found:
         message = "required key missing"
     elif kind == "union_tag_invalid":
-        expected = ", ".join(t.strip("'") for t in str(ctx.get("expected_tags", "")).split(", "))
+        tags = [t.strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")]
+        expected = ", ".join(t for t in tags if t != "ref")
         message = f"unknown {_kind(parts)} type {ctx.get('tag')!r} (expected one of: {expected})"
         node = _follow(data, parts)
         if isinstance(node, LineDict) and "type" in node:
@@ -1007,6 +1010,9 @@ def _problem(data: Any, err: dict[str, Any]) -> Problem:
             message = "expected a mapping"
     elif kind == "literal_error":
         message = f"expected {ctx.get('expected', 'one of the allowed values')}"
+    elif kind in _BOUNDS:
+        bound = next(iter(ctx.values()), "")
+        message = f"expected a value {_BOUNDS[kind]} {bound}"
     elif kind in _TYPE_WORDS:
         message = _TYPE_WORDS[kind]
     else:
