@@ -122,7 +122,7 @@ def test_base_config_loads(here):
 BROKEN = {
     "unknown key": (
         changed("    rules:", "    hostnme: mx.example.com\n    rules:"),
-        "slimta.yaml:6: edge.inbound.hostnme: unknown key"),
+        "slimta.yaml:6: edge.inbound.hostnme: unknown key (did you mean 'hostname'?)"),
     "edge names a missing queue": (
         changed("queue: inbound", "queue: inbund"),
         "slimta.yaml:4: edge.inbound.queue: no queue named 'inbund' (inbound)"),
@@ -209,6 +209,16 @@ BROKEN = {
         changed("type: blackhole", "type: !!python/object/apply:os.system [true]"),
         "slimta.yaml:19: could not determine a constructor for the tag "
         "'tag:yaml.org,2002:python/object/apply:os.system'"),
+    "a misspelt policy option": (
+        changed("- {type: add_date_header}", "- {type: add_date_header, local_time: true}"),
+        "slimta.yaml:13: queue.inbound.policies[0].local_time: unknown key "
+        "(did you mean 'localtime'?)"),
+    "a key nothing resembles": (
+        changed("    type: blackhole", "    type: blackhole\n    colour: red"),
+        "slimta.yaml:20: relay.out.colour: unknown key"),
+    "proxyprotocol version": (
+        changed("    rules:", "    proxyprotocol: v3\n    rules:"),
+        "slimta.yaml:6: edge.inbound.proxyprotocol: expected false, true, 'v1', 'v2' or 'any'"),
     "not a mapping at the top": (
         "- edge\n- queue\n",
         "slimta.yaml:1: expected a mapping of sections at the top level"),

@@ -18,12 +18,14 @@ Unknown keys and unknown ``type`` values are errors. Building the objects
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import operator
 import os
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -181,6 +183,22 @@ def _regexes(value: Any) -> Any:
 
 
 RegexList = Annotated[list[str], BeforeValidator(_regexes)]
+
+
+def _one_of(*allowed: Any, lists: bool = False, text: bool = False,
+            message: str) -> BeforeValidator:
+    """A check before a small untagged union, so a bad value gets one clear message."""
+
+    def check(value: Any) -> Any:
+        if any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            return value
+        if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if text and isinstance(value, str):
+            return value
+        raise ConfigValueError(message)
+
+    return BeforeValidator(check)
 
 
 class _Model(BaseModel):
@@ -420,7 +438,8 @@ class LookupPolicyConfig(_Model):
     lookup: LookupRef
     on_sender: bool = False
     on_recipients: bool = True
-    verp: str | bool | None = None
+    verp: Annotated[str | bool | None, _one_of(
+        True, False, None, text=True, message="expected true, false or a VERP template")] = None
     alias_field: str = "alias"
     verp_field: str = "verp"
     headers_field: str = "add_headers"
@@ -552,10 +571,14 @@ class SmtpEdgeConfig(_Model):
     max_size: int = Field(10 * 1024 * 1024, ge=0)
     tls: ServerTls | None = None
     tls_immediately: bool = False
-    proxyprotocol: bool | Literal["v1", "v2", "any"] = False
+    proxyprotocol: Annotated[bool | Literal["v1", "v2", "any"], _one_of(
+        True, False, "v1", "v2", "any",
+        message="expected false, true, 'v1', 'v2' or 'any'")] = False
     trusted_proxies: list[str] = ["127.0.0.0/8", "::1"]
     proxy_timeout: float = Field(5.0, gt=0)
-    auth: bool | list[str] | None = None
+    auth: Annotated[bool | list[str] | None, _one_of(
+        True, False, None, lists=True,
+        message="expected true, false or a list of mechanisms")] = None
     auth_require_tls: bool = True
     command_timeout: float = Field(300.0, gt=0)
     data_timeout: float = Field(600.0, gt=0)
@@ -885,7 +908,8 @@ class Config(_Model):
     def _policy_refs(check: Callable[..., None], policies: list, *loc: str) -> None:
         for i, policy in enumerate(policies):
             if isinstance(policy, LookupPolicyConfig) and isinstance(policy.lookup, str):
-                check(policy.lookup, "lookup", *loc, "policies", i, "lookup")
+                # the policy's tag, then its key, as pydantic's own locs have them
+                check(policy.lookup, "lookup", *loc, "policies", i, "lookup", "lookup")
 
     def masked(self) -> dict[str, Any]:
         """The resolved config as plain data, with passwords, keys and tokens masked."""
@@ -932,10 +956,11 @@ def _locate(data: Any, loc: tuple) -> tuple[list[str | int], Mark | None, bool]:
     """Follow a pydantic ``loc`` through the loaded data: the key path, its mark, and
     whether the whole path was found (False: the last key is missing)."""
     node, mark, parts, found = data, getattr(data, "mark", None), [], True
+    tagged = None
     for i, elem in enumerate(loc):
-        # a discriminated union's tag (the entry's type), unless it is really the next key
-        if (isinstance(node, dict) and node.get("type") == elem
-                and (elem not in node or (i + 1 < len(loc) and loc[i + 1] == elem))):
+        # a discriminated union's tag (the entry's type) comes first, once per entry
+        if isinstance(node, dict) and node.get("type") == elem and tagged is not node:
+            tagged = node
             continue
         if isinstance(node, dict) and elem in node:
             if isinstance(node, LineDict):
@@ -989,6 +1014,10 @@ def _problem(data: Any, err: dict[str, Any]) -> Problem:
         message = str(error)
     elif kind == "extra_forbidden":
         message = "unknown key"
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1,
+                                        cutoff=0.75)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
     elif kind == "missing" or not found:
         message = "required key missing"
     elif kind == "union_tag_invalid":
@@ -1018,6 +1047,55 @@ def _problem(data: Any, err: dict[str, Any]) -> Problem:
     else:
         message = err["msg"][0].lower() + err["msg"][1:]
     return Problem(mark, _path(parts), message)
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys the model at ``loc`` (a pydantic loc, tags included) accepts."""
+    tp: Any = Config
+    for elem in loc:
+        tp = _step(_unwrap(tp), elem)
+        if tp is None:
+            return []
+    tp = _unwrap(tp)
+    if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+        return []
+    keys = []
+    for name, field in tp.model_fields.items():
+        keys.append(name)
+        if isinstance(field.validation_alias, AliasChoices):
+            keys.extend(str(a) for a in field.validation_alias.choices)
+    return keys
+
+
+def _unwrap(tp: Any) -> Any:
+    """``tp`` without Annotated metadata or ``| None``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _step(tp: Any, elem: str | int) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(str(elem))
+        return field.annotation if field else None
+    origin = get_origin(tp)
+    if origin is dict:
+        return get_args(tp)[1]
+    if origin is list:
+        return get_args(tp)[0]
+    if origin in (Union, UnionType):
+        for member in get_args(tp):
+            if get_origin(member) is Annotated and any(
+                    isinstance(m, Tag) and m.tag == elem for m in get_args(member)[1:]):
+                return get_args(member)[0]
+    return None
 
 
 def _follow(data: Any, parts: list[str | int]) -> Any:
