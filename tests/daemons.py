@@ -1,4 +1,5 @@
-"""Helpers for tests that start private daemons (Dovecot, Postfix).
+"""Helpers for tests that start private daemons (Dovecot, Postfix, haproxy,
+dnsmasq, smtp-sink, spamd): free ports, stopping them, waiting for them to go.
 
 The daemons' workers run as an unprivileged user, so their files live in a
 fresh 0755 directory (:func:`daemon_dir`) rather than in pytest's private
@@ -24,6 +25,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a daemon we started in the foreground: SIGTERM, then SIGKILL after
+    ``timeout`` seconds (idempotent)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def gone(pid: int) -> bool:

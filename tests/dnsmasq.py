@@ -45,6 +45,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from daemons import stop_process
 from slimta.util import dns as slimta_dns
 
 BASE_OPTIONS = (
@@ -130,13 +131,8 @@ class DnsServer:
 
     def stop(self) -> None:
         """Stop the server (idempotent)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process)
 
 
 def start_dnsmasq(

@@ -10,11 +10,7 @@ import subprocess
 import tempfile
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from daemons import free_port, stop_process
 
 
 class SmtpSink:
@@ -26,7 +22,7 @@ class SmtpSink:
         self.directory = tempfile.mkdtemp(prefix="smtp-sink-")
         os.chmod(self.directory, 0o777)
         self.host = host
-        self.port = port or _free_port()
+        self.port = port or free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
             [binary, *user, "-d", os.path.join(self.directory, "msg."), *options,
@@ -51,13 +47,7 @@ class SmtpSink:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

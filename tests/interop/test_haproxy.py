@@ -20,6 +20,7 @@ import time
 import pytest
 
 from conftest import require_tool
+from daemons import stop_process
 from slimta.edge.smtp import SmtpValidators
 
 CONFIG = """\
@@ -76,13 +77,7 @@ class HAProxy:
             time.sleep(0.05)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
 
 

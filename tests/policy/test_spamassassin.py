@@ -21,6 +21,7 @@ from email.utils import formatdate, make_msgid
 
 import pytest
 
+from daemons import stop_process
 from slimta.edge.smtp import SmtpValidators
 from slimta.envelope import Envelope
 from slimta.policy import apply_queue_policies
@@ -105,12 +106,7 @@ def spamd(tmp_path_factory):
             time.sleep(0.2)
         yield ("127.0.0.1", port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 15)
 
 
 @contextlib.asynccontextmanager
