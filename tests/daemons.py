@@ -10,6 +10,7 @@ Maildirs there, and :func:`start_dovecot` starts it.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -25,6 +26,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shared_port(hosts: tuple[str, ...]) -> int:
+    """A TCP port that is free on every one of ``hosts`` (at the time of asking)."""
+    for _ in range(200):
+        with socket.socket() as first:
+            first.bind((hosts[0], 0))
+            port = first.getsockname()[1]
+            with contextlib.ExitStack() as stack:
+                try:
+                    for host in hosts[1:]:
+                        stack.enter_context(socket.socket()).bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free on every test address")
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:

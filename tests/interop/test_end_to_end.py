@@ -9,14 +9,13 @@ it; a 5xx bounces back to the sender's own MX host.
 
 from __future__ import annotations
 
-import contextlib
 import email
 import re
 import smtplib
-import socket
 
 import pytest
 
+from daemons import shared_port
 from slimta.queue import Queue
 from slimta.queue.sqlite import SqliteStorage
 from slimta.relay.smtp.mx import MxSmtpRelay
@@ -49,22 +48,6 @@ MSG = (
 QUEUED_AS = re.compile(r"queued as (\S+)")
 
 
-def shared_port(hosts=(MX_A, MX_B, MX_C, MX_SENDER)) -> int:
-    """A TCP port that is free on every one of ``hosts`` (at the time of asking)."""
-    for _ in range(200):
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            with contextlib.ExitStack() as stack:
-                try:
-                    for host in hosts[1:]:
-                        stack.enter_context(socket.socket()).bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free on every test address")
-
-
 class Mta:
     """The pipeline under test; its edge, queue and relay live on the EdgeThread's loop."""
 
@@ -92,7 +75,7 @@ class Mta:
 
 @pytest.fixture
 def port():
-    return shared_port()
+    return shared_port((MX_A, MX_B, MX_C, MX_SENDER))
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ gives the replies dnsmasq cannot (SERVFAIL), a silent port a dead name server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import time
@@ -17,6 +16,7 @@ import time
 import dns.rcode
 import pytest
 
+from daemons import shared_port
 from dnsmasq import ScriptedDnsServer, silent_udp_port, zone
 from slimta.envelope import Envelope
 from slimta.relay import PermanentRelayError, TransientRelayError
@@ -66,23 +66,6 @@ def envelope(*rcpts: str) -> Envelope:
     return env
 
 
-def shared_port(hosts=HOSTS) -> int:
-    """A TCP port that is free on every one of ``hosts`` (at the time of asking)."""
-    for _ in range(200):
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            with contextlib.ExitStack() as stack:
-                try:
-                    for host in hosts[1:]:
-                        s = stack.enter_context(socket.socket())
-                        s.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free on every test address")
-
-
 def delivered(results, rcpts):
     assert set(results) == set(rcpts), results
     for rcpt in rcpts:
@@ -106,7 +89,7 @@ def resolver(dns_server):
 
 @pytest.fixture
 def port():
-    return shared_port()
+    return shared_port(HOSTS)
 
 
 @pytest.fixture
