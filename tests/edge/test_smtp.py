@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from daemons import free_port
 from slimta.edge.smtp import SmtpEdge, SmtpValidators
 from slimta.smtp.reply import Reply
 
@@ -49,12 +50,6 @@ async def session(port: int):
 async def command(reader, writer, line: bytes) -> tuple[int, str]:
     writer.write(line + b"\r\n")
     return await read_reply(reader)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_start_binds_at_once_and_a_busy_port_raises():

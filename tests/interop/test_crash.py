@@ -13,7 +13,6 @@ import random
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ import time
 
 import pytest
 
+from daemons import free_port
 from slimta.envelope import Envelope
 from slimta.queue import Queue
 from slimta.queue.sqlite import SqliteStorage
@@ -51,12 +51,6 @@ SERVER = textwrap.dedent("""
 """)
 
 ID_RE = re.compile(rb"^X-Test-Id: (\S+)\r?$", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(tmp_path, port):

@@ -24,18 +24,14 @@ import time
 import pytest
 from rawsmtp import flat, wait_until
 
+from daemons import free_port
+
 SENDER = "a@example.com"
 RCPT = "b@example.com"
 HELO = "client.example.com"
 
 _DATE = re.compile(rb"^Date: \w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}( \([^)]*\))?$")
 _MSGID = re.compile(rb"^Message-Id: <([0-9a-f]+\.[0-9a-f]+\.[0-9a-f]+)@client\.example\.com>$")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _strip_angle(arg: bytes) -> str:
@@ -106,7 +102,7 @@ def reference(tool):
         d = tempfile.mkdtemp(prefix="slimta-sink-")
         tmpdirs.append(d)
         os.chmod(d, 0o777)  # smtp-sink writes as the -u user
-        port = _free_port()
+        port = free_port()
         as_root = ["-u", "nobody"] if os.geteuid() == 0 else []
         proc = subprocess.Popen([sink, *as_root, "-d", f"{d}/msg.", f"127.0.0.1:{port}", "10"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

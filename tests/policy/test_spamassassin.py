@@ -21,7 +21,7 @@ from email.utils import formatdate, make_msgid
 
 import pytest
 
-from daemons import stop_process
+from daemons import free_port, stop_process
 from slimta.edge.smtp import SmtpValidators
 from slimta.envelope import Envelope
 from slimta.policy import apply_queue_policies
@@ -59,12 +59,6 @@ def envelope_of(data: bytes) -> Envelope:
     env = Envelope("alice@example.com", ["bob@example.com"])
     env.parse(data)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_program(name: str) -> str:
