@@ -113,6 +113,8 @@ def test_original_sample_loads_unchanged(here):
 def test_base_config_loads(here):
     write(here / "slimta.yaml", BASE)
     config = load_config("slimta.yaml")
+    assert config.path == "slimta.yaml"
+    assert config.process_settings().shutdown_timeout == 30.0  # no process entry: defaults
     assert config.queue["inbound"].relay == "out"
     assert config.edge["inbound"].max_size == 10 * 1024 * 1024  # SmtpEdge's default
 
@@ -420,7 +422,11 @@ def test_retry_expression_results_that_are_not_delays(source, x):
 # --- masking ---------------------------------------------------------------------------
 
 SECRETS = {
-    "process": {"slimta": {"admin": {"token": "admintoken"}}},
+    "process": {"slimta": {"admin": {"token": "admintoken"}, "logging": {
+        "version": 1, "handlers": {"mail": {
+            "class": "logging.handlers.SMTPHandler", "mailhost": "localhost",
+            "fromaddr": "a@example.com", "toaddrs": ["b@example.com"], "subject": "log",
+            "credentials": ["loguser", "logsecret"]}}}}},
     "edge": {"sub": {"type": "smtp", "queue": "q", "rules": {
         "lookup_credentials": {"type": "config",
                                "map": {"user@example.com": {"password": "abcd1234"}}}}}},
@@ -438,7 +444,7 @@ def test_masked_hides_secrets():
     config = parse_config(SECRETS)
     masked = config.masked()
     text = config.dump_masked()
-    for secret in ("admintoken", "abcd1234", "BEGIN PRIVATE", "hunter2", "dbsecret"):
+    for secret in ("admintoken", "loguser", "logsecret", "abcd1234", "BEGIN PRIVATE", "hunter2", "dbsecret"):
         assert secret not in text
     assert masked["process"]["slimta"]["admin"]["token"] == MASK
     assert masked["relay"]["smarthost"]["credentials"] == {"username": "me", "password": MASK}

@@ -37,6 +37,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -46,8 +47,19 @@ from pydantic import (
 from slimta.app.yamlload import ConfigError, LineDict, LineList, Mark, Problem, load_yaml
 
 __all__ = [
-    "Config", "ConfigError", "ConfigValueError", "RetryExpression", "load_config",
-    "parse_config",
+    "MASK", "AddDateHeaderPolicy", "AddMessageIdHeaderPolicy", "AddReceivedHeaderPolicy",
+    "EdgeConfig", "ForwardPolicy", "LookupConfig", "LookupRef", "Policy", "QueueConfig",
+    "RecipientDomainSplitPolicy", "RecipientSplitPolicy", "RelayConfig",
+    "AdminConfig", "ArcSealPolicy", "AuthResultsPolicy", "BlackholeRelayConfig",
+    "ClientTls", "Config", "ConfigError", "ConfigLookup", "ConfigValueError", "Credentials",
+    "CustomEdgeConfig", "CustomLookupConfig", "CustomPolicy", "CustomQueueConfig",
+    "CustomRelayConfig", "DkimKeyConfig", "DkimSignPolicy", "DkimVerifyPolicy",
+    "DovecotRelayConfig", "EdgeRules", "Listener", "LmtpRelayConfig", "LookupPolicyConfig",
+    "MaildirRelayConfig", "MaildropRelayConfig", "MemoryQueueConfig", "MxRelayConfig",
+    "PipeRelayConfig", "ProcessConfig", "ProxyQueueConfig", "RedisLookupConfig",
+    "RegexLookupConfig", "RetryConfig", "RetryExpression", "ServerTls", "SmtpEdgeConfig",
+    "SpamAssassinConfig", "SpamAssassinPolicy", "SqlLookupConfig", "SqliteQueueConfig",
+    "StaticRelayConfig", "load_config", "parse_config",
 ]
 
 MASK = "********"
@@ -881,6 +893,18 @@ class Config(_Model):
     relay: dict[str, RelayConfig] = {}
     lookup: dict[str, LookupConfig] = {}
 
+    _path: str | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> str | None:
+        """The file this config was loaded from (relative paths in it are relative to its
+        directory), or None."""
+        return self._path
+
+    def process_settings(self, name: str = "slimta") -> ProcessConfig:
+        """The ``process`` entry called ``name``, or the defaults when there is none."""
+        return self.process.get(name) or ProcessConfig()
+
     @model_validator(mode="after")
     def _references(self) -> Config:
         def check(target: str | None, section: str, *loc: str | int) -> None:
@@ -934,6 +958,8 @@ def _is_secret(key: Any) -> bool:
 def _mask(value: Any, key: Any = None) -> Any:
     if _is_secret(key) and value is not None and not isinstance(value, dict | list):
         return MASK
+    if key == "credentials" and isinstance(value, list):  # logging's SMTPHandler
+        return [MASK for _ in value]
     if isinstance(value, dict):
         first = {"type": value["type"]} if "type" in value else {}
         return first | {k: _mask(v, k) for k, v in value.items() if k != "type"}
@@ -1125,4 +1151,6 @@ def _order(problem: Problem) -> tuple:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """The config in the YAML file at ``path``; :class:`ConfigError` names each problem's line."""
-    return parse_config(load_yaml(path))
+    config = parse_config(load_yaml(path))
+    config._path = os.fspath(path)
+    return config
