@@ -48,11 +48,8 @@ def pg_table():
         conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-# --- SQLite -----------------------------------------------------------------------
-
-
-async def test_sqlite_row_as_dict(sqlite_db):
-    lookup = SqlLookup(sqlite_db, "SELECT alias, password FROM users WHERE address = :address")
+async def check_rows_as_dicts(lookup: SqlLookup) -> None:
+    """``lookup`` selects alias and password of ROWS by address; closed afterwards."""
     try:
         assert await lookup.lookup_address("alice@example.com") == {
             "alias": "al@example.net", "password": "{PLAIN}secret"}
@@ -61,6 +58,14 @@ async def test_sqlite_row_as_dict(sqlite_db):
         assert await lookup.lookup_address("carol@example.com") is None
     finally:
         await lookup.close()
+
+
+# --- SQLite -----------------------------------------------------------------------
+
+
+async def test_sqlite_row_as_dict(sqlite_db):
+    lookup = SqlLookup(sqlite_db, "SELECT alias, password FROM users WHERE address = :address")
+    await check_rows_as_dicts(lookup)
 
 
 async def test_sqlite_url_and_key_template(sqlite_db):
@@ -101,14 +106,7 @@ async def test_postgres_row_as_dict(pg_table):
         PG_URL, f"SELECT alias, password FROM {pg_table} WHERE address = %(address)s"
     )
     assert lookup.postgres
-    try:
-        assert await lookup.lookup_address("alice@example.com") == {
-            "alias": "al@example.net", "password": "{PLAIN}secret"}
-        assert await lookup.lookup_address("bob@example.com") == {
-            "alias": None, "password": "{PLAIN}hunter2"}
-        assert await lookup.lookup_address("carol@example.com") is None
-    finally:
-        await lookup.close()
+    await check_rows_as_dicts(lookup)
 
 
 async def test_postgres_pool_serves_concurrent_lookups(pg_table):
