@@ -444,7 +444,8 @@ def test_masked_hides_secrets():
     config = parse_config(SECRETS)
     masked = config.masked()
     text = config.dump_masked()
-    for secret in ("admintoken", "loguser", "logsecret", "abcd1234", "BEGIN PRIVATE", "hunter2", "dbsecret"):
+    for secret in ("admintoken", "loguser", "logsecret", "abcd1234", "BEGIN PRIVATE", "hunter2",
+                   "dbsecret"):
         assert secret not in text
     assert masked["process"]["slimta"]["admin"]["token"] == MASK
     assert masked["relay"]["smarthost"]["credentials"] == {"username": "me", "password": MASK}
