@@ -359,6 +359,15 @@ def test_listener_forms_and_default_queue_type():
     assert config.queue["q"].type == "sqlite"
 
 
+def test_keys_written_empty_mean_none(here):
+    write(here / "slimta.yaml", "process:\n  slimta:\nlookup:\nrelay:\n  out: {type: blackhole}\n"
+          "queue:\n  q:\n    relay: out\n    policies:\n")
+    config = load_config("slimta.yaml")
+    assert config.lookup == {}
+    assert config.queue["q"].policies == []
+    assert config.process_settings().log_format == "text"
+
+
 def test_empty_config_is_valid():
     assert parse_config(None) == Config()
 

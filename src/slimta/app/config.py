@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Callable
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -254,6 +254,11 @@ def _one_of(*allowed: Any, lists: bool = False, text: bool = False,
         raise ConfigValueError(message)
 
     return BeforeValidator(check)
+
+
+def _empty(kind: type) -> Callable[[Any], Any]:
+    """None (a key with nothing after it in YAML) as an empty ``kind``."""
+    return lambda value: kind() if value is None else value
 
 
 class _Model(BaseModel):
@@ -582,6 +587,9 @@ Policy = Annotated[
 ]
 
 
+Policies = Annotated[list[Policy], BeforeValidator(_empty(list))]
+
+
 # --- edges --------------------------------------------------------------------
 
 SpfResult = Literal["fail", "softfail", "neutral", "none", "permerror", "temperror"]
@@ -644,7 +652,7 @@ class SmtpEdgeConfig(_Model):
     max_connections_per_ip: int | None = Field(50, ge=1)
     shutdown_timeout: float = Field(30.0, ge=0)
     backlog: int = Field(1024, ge=1)
-    rules: EdgeRules = EdgeRules()
+    rules: Annotated[EdgeRules, BeforeValidator(_empty(dict))] = EdgeRules()
 
     @model_validator(mode="after")
     def _combinations(self) -> SmtpEdgeConfig:
@@ -708,7 +716,7 @@ class _QueueBase(_Model):
     relay: str | None = None
     bounce_queue: str | None = None
     retry: RetryConfig | None = None
-    policies: list[Policy] = []
+    policies: Policies = []
     relay_pool: int = Field(10, ge=1)
 
 
@@ -731,7 +739,7 @@ class ProxyQueueConfig(_Model):
 
     type: Literal["proxy"]
     relay: str
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class CustomQueueConfig(_QueueBase):
@@ -778,7 +786,7 @@ class _SmtpRelayBase(_Model):
     command_timeout: float = Field(300.0, gt=0)
     data_timeout: float = Field(600.0, gt=0)
     idle_timeout: float = Field(10.0, ge=0)
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class MxRelayConfig(_SmtpRelayBase):
@@ -822,7 +830,7 @@ class PipeRelayConfig(_Model):
     unix_newlines: bool = False
     tempfail_codes: list[int] = [75]
     max_output: int = Field(4096, ge=0)
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class MaildropRelayConfig(_Model):
@@ -833,7 +841,7 @@ class MaildropRelayConfig(_Model):
     timeout: float | None = Field(None, gt=0)
     extra_args: list[str] | None = None
     user: str | None = None
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class DovecotRelayConfig(_Model):
@@ -844,7 +852,7 @@ class DovecotRelayConfig(_Model):
     timeout: float | None = Field(None, gt=0)
     extra_args: list[str] | None = None
     user: str | None = "{recipient}"
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class MaildirRelayConfig(_Model):
@@ -853,14 +861,14 @@ class MaildirRelayConfig(_Model):
     type: Literal["maildir"]
     path: str
     fsync: bool = True
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class BlackholeRelayConfig(_Model):
     """Accepts and discards."""
 
     type: Literal["blackhole"]
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 class CustomRelayConfig(_Model):
@@ -869,7 +877,7 @@ class CustomRelayConfig(_Model):
     type: Literal["custom"]
     factory: Factory
     options: dict[str, Any] = {}
-    policies: list[Policy] = []
+    policies: Policies = []
 
 
 RelayConfig = Annotated[
@@ -925,16 +933,21 @@ class ProcessConfig(_Model):
         return value
 
 
+_T = TypeVar("_T")
+#: a section: named entries; written empty (``lookup:``) it has none
+Section = Annotated[dict[str, _T], BeforeValidator(_empty(dict))]
+
+
 # --- the whole config ---------------------------------------------------------
 
 class Config(_Model):
     """A whole slimta config: named processes, edges, queues, relays and lookups."""
 
-    process: dict[str, ProcessConfig] = {}
-    edge: dict[str, EdgeConfig] = {}
-    queue: dict[str, QueueConfig] = {}
-    relay: dict[str, RelayConfig] = {}
-    lookup: dict[str, LookupConfig] = {}
+    process: Section[Annotated[ProcessConfig, BeforeValidator(_empty(dict))]] = {}
+    edge: Section[EdgeConfig] = {}
+    queue: Section[QueueConfig] = {}
+    relay: Section[RelayConfig] = {}
+    lookup: Section[LookupConfig] = {}
 
     _path: str | None = PrivateAttr(None)
 
