@@ -379,6 +379,18 @@ def test_logging_needs_a_dictconfig_version():
         "process.slimta.logging: a logging.config.dictConfig mapping needs 'version: 1'")
 
 
+def test_reject_spam_forms():
+    def rule(value):
+        config = parse_config({"queue": {"q": {}}, "edge": {"e": {
+            "type": "smtp", "queue": "q", "rules": {"reject_spam": value}}}})
+        return config.edge["e"].rules.reject_spam
+
+    assert rule(True).host == "127.0.0.1" and rule(True).port == 783
+    assert rule(False) is None
+    spam = rule({"type": "spamassassin", "host": "spamd", "reject_above": 8})
+    assert (spam.host, spam.reject_above) == ("spamd", 8.0)
+
+
 def test_relay_accepts_the_originals_concurrent_connections():
     config = parse_config({"relay": {"mx": {"type": "mx", "concurrent_connections": 5}}})
     assert config.relay["mx"].pool_size == 5

@@ -98,6 +98,7 @@ __all__ = [
     "SmtpEdgeConfig",
     "SpamAssassinConfig",
     "SpamAssassinPolicy",
+    "SpamRule",
     "SqlLookupConfig",
     "SqliteQueueConfig",
     "StaticRelayConfig",
@@ -485,6 +486,13 @@ class SpamAssassinConfig(_Model):
     fail_open: bool = True
 
 
+class SpamRule(SpamAssassinConfig):
+    """``reject_spam``: refuse at end of data what spamd calls spam (or scores above
+    ``reject_above``); ``true`` means a local spamd with its own threshold."""
+
+    reject_above: float | None = None
+
+
 class SpamAssassinPolicy(SpamAssassinConfig):
     """Adds ``X-Spam-Status``/``-Score``/``-Symbols`` from spamd."""
 
@@ -606,6 +614,10 @@ def _spam_rule(value: Any) -> Any:
 class EdgeRules(_Model):
     """What an SMTP edge accepts, without writing validators.
 
+    ``only_senders``/``only_recipients`` are addresses, or ``@domain`` for a
+    whole domain; ``regex_*`` are regular expressions (any may match);
+    ``reject_spf`` lists the SPF results refused at MAIL; ``dnsbl`` the
+    blocklists asked at connect.
     ``lookup_*`` name an entry of the ``lookup`` section or give one in place
     (``{type: config, map: {...}}``); with ``lookup_credentials``, AUTH is
     offered and a sender must have logged in.
@@ -621,7 +633,7 @@ class EdgeRules(_Model):
     lookup_senders: LookupRef | None = None
     lookup_recipients: LookupRef | None = None
     lookup_credentials: LookupRef | None = None
-    reject_spam: Annotated[SpamAssassinConfig | None, BeforeValidator(_spam_rule)] = None
+    reject_spam: Annotated[SpamRule | None, BeforeValidator(_spam_rule)] = None
 
 
 class SmtpEdgeConfig(_Model):
