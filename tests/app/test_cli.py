@@ -1,4 +1,4 @@
-"""The slimta command: --version and the stand-in `serve`."""
+"""The slimta command: --version, and `serve` with no config (the embedded default)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,20 @@ def test_version():
     assert slimta.__version__ in out.stdout.decode()
 
 
-def test_serve_accepts_mail_and_stops_on_sigterm():
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_serve_accepts_mail_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    # the embedded default, its listeners moved to free ports
     proc = subprocess.Popen([*CLI, "serve", "--listen", f"127.0.0.1:{port}",
-                             "--hostname", "mx.test"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                             "--listen", f"submission=127.0.0.1:{free_port()}",
+                             "--admin", f"127.0.0.1:{free_port()}", "--hostname", "mx.test"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env=dict(ENV, SLIMTA_DATA_DIR=str(tmp_path / "data")))
     try:
         for _ in range(200):
             try:
@@ -37,13 +44,14 @@ def test_serve_accepts_mail_and_stops_on_sigterm():
             except ConnectionRefusedError:
                 time.sleep(0.05)
         with client:
-            refused = client.sendmail("a@example.com", ["b@example.com"],
+            refused = client.sendmail("a@example.com", ["b@localhost"],
                                       b"Subject: hi\r\n\r\nhello\r\n")
             assert refused == {}
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
         assert proc.returncode == 0
         assert b"SMTP on 127.0.0.1" in out
-        assert b"from=<a@example.com> to=<b@example.com>" in err
+        assert b"to=<b@localhost> delivered" in err
+        assert len(list((tmp_path / "data/Maildir/localhost/b/new").iterdir())) == 1
     finally:
         proc.kill()

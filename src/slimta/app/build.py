@@ -29,12 +29,17 @@ from typing import Any
 from slimta.app import config as C
 from slimta.app.yamlload import ConfigError, Problem
 
-__all__ = ["DEFAULT_DATA_DIR", "App", "build", "data_dir_of", "load_factory", "validator_class"]
+__all__ = ["DEFAULT_DATA_DIR", "FIRST_USER_LOOKUP", "App", "build", "data_dir_of",
+           "ensure_first_user", "load_factory", "validator_class"]
 
 log = logging.getLogger(__name__)
 
 #: The data directory when neither the config nor ``$SLIMTA_DATA_DIR`` names one.
 DEFAULT_DATA_DIR = "slimta-data"
+
+
+#: The lookup of the embedded default's submission users (see :func:`ensure_first_user`).
+FIRST_USER_LOOKUP = "submission_users"
 
 
 def _fail(path: str, message: str) -> ConfigError:
@@ -573,3 +578,39 @@ def validator_class(rules: C.EdgeRules, hostname: str, lookups: dict[str, Any],
         hooks["handle_have_data"] = check_spam(spamd(rules.reject_spam),
                                                rules.reject_spam.reject_above)(handle_have_data)
     return type("ConfigValidators", (SmtpValidators,), hooks)
+
+
+def ensure_first_user(config: C.Config, username: str = "user@localhost") -> tuple | None:
+    """Create the submission users' database of the embedded default at the first start.
+
+    When ``config`` has a SQLite lookup named :data:`FIRST_USER_LOOKUP` whose
+    file does not exist yet, the file is made with a table ``users (username,
+    password)`` holding ``username`` with a random password, stored as a
+    SHA512-CRYPT hash. Returns ``(username, password, path)`` then (the only
+    time the password is known), else None.
+    """
+    import secrets
+    import sqlite3
+
+    spec = config.lookup.get(FIRST_USER_LOOKUP)
+    if not isinstance(spec, C.SqlLookupConfig) or "://" in spec.database or spec.postgres:
+        return None
+    path = os.path.join(data_dir_of(config), os.path.expanduser(spec.database))
+    if os.path.exists(path):
+        return None
+    from passlib.hash import sha512_crypt
+
+    password = secrets.token_urlsafe(12)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    conn = sqlite3.connect(tmp)
+    try:
+        with conn:
+            conn.execute("CREATE TABLE users (username TEXT PRIMARY KEY, password TEXT NOT NULL)")
+            conn.execute("INSERT INTO users VALUES (?, ?)",
+                         (username, sha512_crypt.hash(password)))
+    finally:
+        conn.close()
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return username, password, path

@@ -1,8 +1,18 @@
-"""The ``slimta`` command."""
+"""The ``slimta`` command: ``serve``, ``check``, ``config init``, ``queue`` and ``send``.
+
+Exit codes: 0 success; 1 an invalid config, a listener that cannot be bound
+or a file that would be overwritten; 2 a usage error (click's).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import logging.config
+import os
+import signal
+import sys
+from importlib import resources
 
 import click
 
@@ -10,7 +20,34 @@ import slimta
 from slimta.app.queuecli import queue
 from slimta.app.send import send
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_CONFIG_NAME", "default_config_text", "load", "main"]
+
+#: The file name ``slimta config init`` writes.
+DEFAULT_CONFIG_NAME = "slimta.yaml"
+
+log = logging.getLogger("slimta.app")
+
+
+def default_config_text() -> str:
+    """The embedded default config (``slimta/app/default.yaml``), comments included."""
+    return resources.files("slimta.app").joinpath("default.yaml").read_text("utf-8")
+
+
+def load(path: str | None):
+    """The config in ``path``, or the embedded default (with no path: relative to the cwd)."""
+    from slimta.app.config import load_config
+
+    if path is not None:
+        return load_config(path)
+    with resources.as_file(resources.files("slimta.app").joinpath("default.yaml")) as default:
+        config = load_config(default)
+    config._path = None
+    return config
+
+
+def _config_error(exc: Exception) -> None:
+    click.echo(f"slimta: invalid config:\n{exc}", err=True)
+    sys.exit(1)
 
 
 @click.group(invoke_without_command=True)
@@ -22,28 +59,167 @@ def main(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
+_CONFIG_OPTION = click.option(
+    "-c", "--config", "config_file", type=click.Path(dir_okay=False, exists=True),
+    help="The YAML config (default: the embedded default; see `slimta config init`).")
+
+
+def _setup_logging(settings) -> None:
+    if settings.logging:
+        logging.config.dictConfig(settings.logging)
+        return
+    logging.basicConfig(level=getattr(logging, settings.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _apply_overrides(config, listen: tuple[str, ...], hostname: str | None,
+                     max_size: int | None, admin: str | None, data_dir: str | None) -> None:
+    from slimta.app.config import AdminConfig, Listener, SmtpEdgeConfig
+
+    smtp = [name for name, edge in config.edge.items() if isinstance(edge, SmtpEdgeConfig)]
+    for value in listen:
+        name, sep, address = value.rpartition("=")
+        if not sep:
+            if not smtp:
+                raise click.UsageError("--listen: the config has no SMTP edge")
+            name = smtp[0]
+        if name not in config.edge:
+            raise click.UsageError(f"--listen: no edge named {name!r} ({', '.join(config.edge)})")
+        try:
+            config.edge[name].listener = [Listener.model_validate(address)]
+        except ValueError as exc:
+            raise click.UsageError(f"--listen {value}: {exc}") from None
+    for name in smtp:
+        if hostname is not None:
+            config.edge[name].hostname = hostname
+        if max_size is not None:
+            config.edge[name].max_size = max_size
+    settings = config.process.setdefault("slimta", config.process_settings())
+    if admin is not None:
+        try:
+            settings.admin = AdminConfig(listener=Listener.model_validate(admin),
+                                         token=settings.admin.token if settings.admin else None)
+        except ValueError as exc:
+            raise click.UsageError(f"--admin {admin}: {exc}") from None
+    if data_dir is not None:
+        settings.data_dir = os.path.abspath(data_dir)
+
+
+def _where(listener) -> str:
+    host = listener.interface or "*"
+    return f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
+
+
+async def _run(app) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        app.start()
+    except OSError as exc:
+        await app.stop()
+        click.echo(f"slimta: cannot listen: {exc}", err=True)
+        sys.exit(1)
+    await app.started()
+    for name in app.edges:
+        spec = app.config.edge[name]
+        where = ", ".join(_where(x) for x in getattr(spec, "listener", []))
+        click.echo(f"slimta {slimta.__version__}: {name}: SMTP on {where} -> queue {spec.queue}")
+    if app.admin is not None:
+        host, port = app.admin.address[:2]
+        click.echo(f"slimta: admin/metrics on http://{host}:{port}/metrics")
+    click.echo(f"slimta: data in {app.data_dir} (SIGTERM or Ctrl-C stops)", nl=True)
+    sys.stdout.flush()
+    await stopping.wait()
+    log.info("stopping")
+    await app.stop()
+
+
 @main.command()
-@click.option("--listen", default="127.0.0.1:1025", show_default=True,
-              help="HOST:PORT for inbound SMTP ('[::1]:25' for IPv6).")
-@click.option("--hostname", default=None, help="Name in the banner (default: this host's FQDN).")
-@click.option("--max-size", default=10 * 1024 * 1024, show_default=True, type=int,
-              help="Largest message in octets (0: no limit).")
-def serve(listen: str, hostname: str | None, max_size: int) -> None:
-    """Run an SMTP edge that accepts mail into an in-memory queue and logs each message.
+@_CONFIG_OPTION
+@click.option("--no-edge", is_flag=True, help="No edges: only deliver what the queues hold.")
+@click.option("--no-relay", is_flag=True, help="No relays: the queues only store (edge only).")
+@click.option("--listen", multiple=True, metavar="[EDGE=]HOST:PORT",
+              help="Where an SMTP edge listens (default edge: the first; '[::1]:25' for IPv6). "
+                   "Repeatable.")
+@click.option("--hostname", default=None, help="Name in the SMTP edges' banners.")
+@click.option("--max-size", default=None, type=int,
+              help="Largest message in octets for every SMTP edge (0: no limit).")
+@click.option("--admin", "admin_listen", default=None, metavar="HOST:PORT",
+              help="Where the admin/metrics endpoint listens.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="The data directory (default: process.slimta.data_dir, $SLIMTA_DATA_DIR, "
+                   "./slimta-data).")
+def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[str, ...],
+          hostname: str | None, max_size: int | None, admin_listen: str | None,
+          data_dir: str | None) -> None:
+    """Run the MTA the config describes (without -c: the embedded default).
 
-    Until the daemon with its YAML config lands, this is a way to try the
-    edge: nothing is stored on disk or delivered.
+    The embedded default accepts mail for @localhost on 127.0.0.1:1025 into
+    Maildirs in the data directory, submission with AUTH on 127.0.0.1:1587
+    (a user is made and printed at the first start) relayed by MX, and
+    serves metrics on http://127.0.0.1:8025/metrics.
     """
-    from slimta.app.memory_queue import LoggingMemoryQueue
-    from slimta.edge.smtp import SmtpEdge
+    from slimta.app.build import build, ensure_first_user
+    from slimta.app.config import ConfigError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    edge = SmtpEdge((host, int(port)), LoggingMemoryQueue(), hostname=hostname, max_size=max_size)
-    edge.start()
-    click.echo(f"slimta {slimta.__version__}: SMTP on {listen} (in-memory queue; Ctrl-C stops)")
-    slimta.run_forever()
+    try:
+        config = load(config_file)
+    except ConfigError as exc:
+        _config_error(exc)
+    _apply_overrides(config, listen, hostname, max_size, admin_listen, data_dir)
+    _setup_logging(config.process_settings())
+    try:
+        app = build(config, no_edge=no_edge, no_relay=no_relay)
+    except ConfigError as exc:
+        _config_error(exc)
+    if not no_edge:
+        first = ensure_first_user(config)
+        if first is not None:
+            user, password, path = first
+            click.echo(f"slimta: created the submission user {user} with password {password}\n"
+                       f"        (shown only now; its hash is in {path})")
+    asyncio.run(_run(app))
+
+
+@main.command()
+@_CONFIG_OPTION
+def check(config_file: str | None) -> None:
+    """Validate a config and print it resolved (includes, variables, defaults), secrets masked.
+
+    Exits 1 with each problem (file:line: key: message) on stderr when invalid.
+    """
+    from slimta.app.build import build
+    from slimta.app.config import ConfigError
+
+    try:
+        config = load(config_file)
+        build(config)
+    except ConfigError as exc:
+        _config_error(exc)
+    click.echo(config.dump_masked(), nl=False)
+    click.echo(f"slimta: {config_file or 'the embedded default'}: OK", err=True)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Write and inspect config files."""
+
+
+@config_group.command("init")
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing slimta.yaml.")
+def config_init(directory: str, force: bool) -> None:
+    """Write the embedded default as DIRECTORY/slimta.yaml (default: here), with comments."""
+    path = os.path.join(directory, DEFAULT_CONFIG_NAME)
+    if os.path.exists(path) and not force:
+        click.echo(f"slimta: {path} exists; --force overwrites it", err=True)
+        sys.exit(1)
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(default_config_text())
+    click.echo(f"wrote {path}; check it with: slimta check -c {path}")
 
 
 main.add_command(queue)
