@@ -1,0 +1,219 @@
+"""slimta.app.build: from a config to running edges, queues and relays."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import smtplib
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from slimta.app.build import build, data_dir_of, ensure_first_user
+from slimta.app.cli import load
+from slimta.app.config import ConfigError, Listener, load_config, parse_config
+from slimta.envelope import Envelope
+
+COMPAT = Path("/work/shared/compat")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listen_free(config, *names: str) -> dict[str, int]:
+    ports = {}
+    for name in names:
+        ports[name] = free_port()
+        config.edge[name].listener = [Listener(interface="127.0.0.1", port=ports[name])]
+    return ports
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def compat(tmp_path):
+    if not COMPAT.is_dir():
+        pytest.skip("no compat sample")
+    for f in COMPAT.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return load_config(tmp_path / "slimta.yaml.sample")
+
+
+async def test_compat_sample_runs(compat):
+    ports = listen_free(compat, "inbound", "outbound")
+    app = build(compat)
+    assert set(app.queues) == {"inbound", "outbound"} and set(app.relays) == {"inbound",
+                                                                              "outbound"}
+    delivered = []
+    relay = app.relays["inbound"]
+    attempt = relay.attempt
+
+    async def counted(envelope, attempts):
+        delivered.append(envelope)
+        return await attempt(envelope, attempts)
+
+    relay.attempt = counted
+    app.start()
+    try:
+        await app.started()
+
+        def inbound():
+            with smtplib.SMTP("127.0.0.1", ports["inbound"], timeout=10) as client:
+                assert client.docmd("NOOP")[0] == 250
+                refused = client.sendmail("a@example.net", ["postmaster@example.com"],
+                                          b"Subject: hi\r\n\r\nhello\r\n")
+                with pytest.raises(smtplib.SMTPRecipientsRefused):
+                    client.sendmail("a@example.net", ["nobody@example.com"], b"\r\nx\r\n")
+                return refused
+
+        assert await asyncio.to_thread(inbound) == {}
+        await wait_for(lambda: delivered)
+        assert delivered[0].recipients == ["postmaster@example.com"]
+        # the policies ran: Date, Message-Id and Received were added
+        assert {"Date", "Message-Id", "Received"} <= set(delivered[0].headers.keys())
+
+        def outbound():
+            with smtplib.SMTP("127.0.0.1", ports["outbound"], timeout=10) as client:
+                with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                    client.sendmail("user@example.com", ["x@example.org"], b"\r\nx\r\n")
+                assert refused.value.smtp_code == 530
+                client.ehlo()
+                client.login("user@example.com", "abcd1234")  # CRAM-MD5 (no TLS)
+                return client.sendmail("user@example.com", ["x@example.org"], b"\r\nx\r\n")
+
+        assert await asyncio.to_thread(outbound) == {}
+    finally:
+        await app.stop()
+
+
+async def test_embedded_default_delivers_to_maildir_and_counts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMTA_DATA_DIR", str(tmp_path / "data"))
+    config = load(None)
+    ports = listen_free(config, "inbound", "submission")
+    admin_port = free_port()
+    config.process_settings().admin.listener = Listener(interface="127.0.0.1",
+                                                        port=admin_port)
+    assert data_dir_of(config) == str(tmp_path / "data")
+    user, password, path = ensure_first_user(config)
+    assert Path(path).exists() and ensure_first_user(config) is None
+    assert password not in Path(path).read_bytes().decode("latin-1")
+    app = build(config)
+    app.start()
+    try:
+        await app.started()
+
+        def metrics() -> str:
+            url = f"http://127.0.0.1:{admin_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.read().decode()
+
+        before = await asyncio.to_thread(metrics)
+        assert 'slimta_messages_received_total{result="accepted"} 0.0' in before
+
+        def inbound():
+            with smtplib.SMTP("127.0.0.1", ports["inbound"], timeout=10) as client:
+                with pytest.raises(smtplib.SMTPRecipientsRefused):
+                    client.sendmail("a@example.net", ["someone@example.org"], b"\r\nx\r\n")
+                return client.sendmail("a@example.net", ["someone@localhost"],
+                                       b"Subject: hi\r\n\r\nhello\r\n")
+
+        assert await asyncio.to_thread(inbound) == {}
+        new = tmp_path / "data/Maildir/localhost/someone/new"
+        await wait_for(lambda: new.is_dir() and any(new.iterdir()))
+        (message,) = new.iterdir()
+        assert b"hello" in message.read_bytes()
+        after = await asyncio.to_thread(metrics)
+        assert 'slimta_messages_received_total{result="accepted"} 1.0' in after
+
+        def submission():
+            with smtplib.SMTP("127.0.0.1", ports["submission"], timeout=10) as client:
+                client.ehlo()
+                with pytest.raises(smtplib.SMTPAuthenticationError):
+                    client.login(user, "wrong")
+                client.login(user, password)
+
+        await asyncio.to_thread(submission)
+        assert (tmp_path / "data/inbound.db").exists()
+    finally:
+        await app.stop()
+
+
+RULES = """
+edge:
+  in:
+    type: smtp
+    queue: q
+    listener: 127.0.0.1:0
+    rules:
+      banner: '{fqdn} says hi'
+      only_senders: ['@good.test', 'boss@other.test']
+      regex_recipients: '^r'
+      lookup_recipients: {type: config, map: {r1@x.test: {}, r2@x.test: {}}}
+queue:
+  q: {type: memory, relay: r, retry: {maximum: 3, delay: 30*x}}
+relay:
+  r: {type: blackhole}
+"""
+
+
+async def test_rules():
+    config = parse_config(__import__("yaml").safe_load(RULES))
+    port = listen_free(config, "in")["in"]
+    config.edge["in"].hostname = "mx.test"
+    app = build(config)
+    app.start()
+    try:
+        await app.started()
+
+        def session():
+            client = smtplib.SMTP(timeout=10)
+            assert client.connect("127.0.0.1", port) == (220, b"mx.test says hi")
+            with client:
+                client.ehlo()
+                assert client.mail("bad@evil.test")[0] == 550
+                client.rset()
+                assert client.mail("boss@other.test")[0] == 250
+                client.rset()
+                assert client.mail("a@GOOD.test")[0] == 250
+                assert client.rcpt("x1@x.test")[0] == 550   # not ^r
+                assert client.rcpt("r3@x.test")[0] == 550   # not in the lookup
+                assert client.rcpt("r1@x.test")[0] == 250
+
+        await asyncio.to_thread(session)
+    finally:
+        await app.stop()
+    backoff = app.queues["q"].backoff
+    env = Envelope("a@good.test", ["r1@x.test"])
+    assert backoff(env, 1) == 30 and backoff(env, 2) == 60 and backoff(env, 3) is None
+
+
+def test_no_edge_no_relay_and_build_errors(tmp_path):
+    config = parse_config(__import__("yaml").safe_load(RULES))
+    app = build(config, no_relay=True)
+    assert app.relays == {} and app.queues["q"].relay is None and app.edges
+    app = build(config, no_edge=True)
+    assert app.edges == {} and app.queues["q"].relay is app.relays["r"]
+    config.relay["r"] = parse_config({"relay": {"r": {
+        "type": "custom", "factory": "no_such_module:make"}}}).relay["r"]
+    with pytest.raises(ConfigError, match=r"relay\.r\.factory: cannot load factory"):
+        build(config)
+    bad = parse_config({"edge": {"e": {"type": "smtp", "queue": "q", "rules": {
+        "banner": "{host}"}}}, "queue": {"q": {"type": "memory"}}})
+    with pytest.raises(ConfigError, match=r"edge\.e\.rules\.banner: bad template"):
+        build(bad)
+    proxy = parse_config({"queue": {"q": {"type": "proxy", "relay": "r"}},
+                          "relay": {"r": {"type": "blackhole"}}})
+    with pytest.raises(ConfigError, match="proxy queue cannot run without its relay"):
+        build(proxy, no_relay=True)
+    assert type(build(proxy).queues["q"]).__name__ == "ProxyQueue"
