@@ -1,0 +1,173 @@
+"""The `slimta serve`, `slimta check` and `slimta config init` commands, as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-c", "from slimta.app.cli import main; main()"]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+COMPAT = Path("/work/shared/compat")
+
+
+def run(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd,
+                          env=dict(ENV, **env), timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(port: int, proc: subprocess.Popen) -> smtplib.SMTP:
+    for _ in range(400):
+        try:
+            return smtplib.SMTP("127.0.0.1", port, timeout=10)
+        except ConnectionRefusedError:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+    raise AssertionError("the server did not start")
+
+
+GOOD = """
+edge:
+  in: {type: smtp, queue: q, listener: '127.0.0.1:2525'}
+queue:
+  q: {type: memory, relay: out}
+relay:
+  out:
+    type: static
+    host: smarthost.test
+    credentials: {username: me, password: hunter2}
+"""
+
+
+def test_check_good_config_prints_it_masked(tmp_path):
+    (tmp_path / "slimta.yaml").write_text(GOOD)
+    out = run("check", "-c", str(tmp_path / "slimta.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "********" in out.stdout
+    assert "smarthost.test" in out.stdout and "max_size: 10485760" in out.stdout
+    assert "OK" in out.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (GOOD.replace("queue: q,", "queue: nope,"), "slimta.yaml:3: edge.in.queue: no queue named"),
+    (GOOD.replace("type: static", "type: statik"), "unknown relay type 'statik'"),
+    (GOOD + "  x: {type: custom, factory: 'no_such_mod:f'}\n",
+     "relay.x.factory: cannot load factory 'no_such_mod:f'"),
+], ids=["reference", "type", "factory"])
+def test_check_broken_config(tmp_path, text, message):
+    (tmp_path / "slimta.yaml").write_text(text)
+    out = run("check", "-c", str(tmp_path / "slimta.yaml"))
+    assert out.returncode == 1
+    assert message in out.stderr
+    assert out.stdout == ""
+
+
+def test_check_embedded_default():
+    out = run("check")
+    assert out.returncode == 0, out.stderr
+    assert "submission_users" in out.stdout
+
+
+def test_config_init(tmp_path):
+    out = run("config", "init", str(tmp_path / "etc"))
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / "etc/slimta.yaml"
+    assert written.read_text().startswith("# slimta")
+    assert run("check", "-c", str(written)).returncode == 0
+    written.write_text("# mine\n")
+    out = run("config", "init", str(tmp_path / "etc"))
+    assert out.returncode == 1 and "--force" in out.stderr
+    assert written.read_text() == "# mine\n"
+    assert run("config", "init", "--force", str(tmp_path / "etc")).returncode == 0
+    assert written.read_text().startswith("# slimta")
+
+
+def test_serve_compat_sample_and_sigterm(tmp_path):
+    if not COMPAT.is_dir():
+        pytest.skip("no compat sample")
+    for f in COMPAT.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CLI, "serve", "-c", str(tmp_path / "slimta.yaml.sample"),
+         "--listen", f"inbound=127.0.0.1:{port}",
+         "--listen", f"outbound=127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=tmp_path)
+    try:
+        with connect(port, proc) as client:
+            assert client.sendmail("a@example.net", ["abuse@example.com"],
+                                   b"Subject: hi\r\n\r\nhello\r\n") == {}
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"inbound: SMTP on 127.0.0.1:{port}".encode() in out
+    finally:
+        proc.kill()
+
+
+def test_serve_no_relay_then_no_edge_share_the_queue(tmp_path):
+    """An edge-only process stores; a relay-only process over the same file delivers."""
+    config = tmp_path / "slimta.yaml"
+    config.write_text(f"""
+process:
+  slimta: {{data_dir: data}}
+edge:
+  in: {{type: smtp, queue: q, listener: '127.0.0.1:{free_port()}'}}
+queue:
+  q: {{type: sqlite, relay: md}}
+relay:
+  md: {{type: maildir, path: 'mail', fsync: false}}
+""")
+    port = int(config.read_text().split("127.0.0.1:")[1].split("'")[0])
+    proc = subprocess.Popen([*CLI, "serve", "-c", str(config), "--no-relay"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        with connect(port, proc) as client:
+            assert client.sendmail("a@example.net", ["b@example.org"], b"\r\nbody\r\n") == {}
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+    assert not (tmp_path / "data/mail").exists()
+    proc = subprocess.Popen([*CLI, "serve", "-c", str(config), "--no-edge"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        new = tmp_path / "data/mail/new"
+        for _ in range(400):
+            if new.is_dir() and any(new.iterdir()):
+                break
+            time.sleep(0.05)
+        assert b"body" in next(new.iterdir()).read_bytes()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+
+
+def test_serve_bad_config_and_port_in_use(tmp_path):
+    (tmp_path / "slimta.yaml").write_text("edge: {in: {type: smtp}}\n")
+    out = run("serve", "-c", str(tmp_path / "slimta.yaml"))
+    assert out.returncode == 1 and "edge.in.queue: required key missing" in out.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        (tmp_path / "slimta.yaml").write_text(GOOD.replace("2525", str(port)))
+        out = run("serve", "-c", str(tmp_path / "slimta.yaml"))
+        assert out.returncode == 1 and "cannot listen" in out.stderr
