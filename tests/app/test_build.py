@@ -217,3 +217,55 @@ def test_no_edge_no_relay_and_build_errors(tmp_path):
     with pytest.raises(ConfigError, match="proxy queue cannot run without its relay"):
         build(proxy, no_relay=True)
     assert type(build(proxy).queues["q"]).__name__ == "ProxyQueue"
+
+
+def test_every_policy_type(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    (tmp_path / "dkim.pem").write_bytes(pem)
+    (tmp_path / "slimta.yaml").write_text("""
+lookup:
+  aliases: {type: config, map: {a@x.test: {alias: b@x.test}}}
+queue:
+  q:
+    type: memory
+    policies:
+      - {type: add_date_header}
+      - {type: add_messageid_header}
+      - {type: add_received_header}
+      - {type: recipient_split}
+      - {type: recipient_domain_split}
+      - {type: forward, mapping: {'^a@': 'b@'}}
+      - {type: spamassassin}
+      - {type: lookup, lookup: aliases}
+      - {type: dkim_verify}
+      - {type: add_authentication_results}
+      - {type: dkim_sign, keys: {x.test: {selector: s1, key_file: dkim.pem}}}
+      - {type: arc_seal, selector: s1, domain: x.test, key_file: dkim.pem}
+""")
+    app = build(load_config(tmp_path / "slimta.yaml"))
+    names = [type(p).__name__ for p in app.queues["q"].queue_policies]
+    assert names == ["AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader",
+                     "RecipientSplit", "RecipientDomainSplit", "Forward", "SpamAssassin",
+                     "LookupPolicy", "DkimVerify", "AddAuthenticationResults", "DkimSign",
+                     "ArcSeal"]
+    assert app.queues["q"].queue_policies[7].lookup is app.lookups["aliases"]
+
+
+def test_every_relay_type(tmp_path):
+    config = parse_config({"relay": {
+        "mx": {"type": "mx"}, "static": {"type": "static", "host": "smart.test"},
+        "lmtp": {"type": "lmtp", "host": "/run/lmtp"}, "pipe": {"type": "pipe", "args": ["cat"]},
+        "maildrop": {"type": "maildrop"}, "dovecot": {"type": "dovecot"},
+        "maildir": {"type": "maildir", "path": "/tmp/x/{localpart}"},
+        "blackhole": {"type": "blackhole"},
+    }})
+    names = {n: type(r).__name__ for n, r in build(config).relays.items()}
+    assert names == {"mx": "MxSmtpRelay", "static": "StaticSmtpRelay",
+                     "lmtp": "StaticLmtpRelay", "pipe": "PipeRelay",
+                     "maildrop": "MaildropRelay", "dovecot": "DovecotLdaRelay",
+                     "maildir": "MaildirRelay", "blackhole": "BlackholeRelay"}

@@ -207,19 +207,33 @@ class _Builder:
                                 verp_separator=spec.verp_separator)
         if isinstance(spec, C.DkimSignPolicy):
             from slimta.policy.dkim import DkimSign
-            keys = {}
-            for domain, key in spec.keys.items():
-                if key.key is not None:
-                    data: Any = key.key.encode()
-                else:
-                    with open(self.config_path(str(key.key_file)), "rb") as f:
-                        data = f.read()
-                keys[domain] = (key.selector, data)
+            keys = {domain: (key.selector, self.key_data(key.key, key.key_file))
+                    for domain, key in spec.keys.items()}
             return DkimSign.for_domains(keys, spec.headers, by=spec.by,
                                         seven_bit=spec.seven_bit)
+        if isinstance(spec, C.DkimVerifyPolicy):
+            from slimta.policy.dkim import DkimVerify
+            return DkimVerify(minkey=spec.minkey, max_signatures=spec.max_signatures,
+                              allow_sha1=spec.allow_sha1, arc=spec.arc)
+        if isinstance(spec, C.AuthResultsPolicy):
+            from slimta.policy.authresults import AddAuthenticationResults
+            return AddAuthenticationResults(spec.authserv_id or self.hostname, dmarc=spec.dmarc,
+                                            forged=spec.forged)
+        if isinstance(spec, C.ArcSealPolicy):
+            from slimta.policy.dkim import ArcSeal
+            return ArcSeal(spec.selector, spec.domain,
+                           self.key_data(spec.key, spec.key_file),
+                           spec.authserv_id or self.hostname, spec.headers)
         if isinstance(spec, C.CustomPolicy):
             return load_factory(spec.factory, f"{path}.factory")(**spec.options)
         raise _fail(path, f"policy type {spec.type!r} is not wired into the daemon yet")
+
+    def key_data(self, key: str | None, key_file: str | None) -> bytes:
+        """A private key given in place (PEM text) or in a file (relative to the config)."""
+        if key is not None:
+            return key.encode()
+        with open(self.config_path(str(key_file)), "rb") as f:
+            return f.read()
 
     def spamd(self, spec: C.SpamAssassinConfig) -> Any:
         """A SpamAssassin client from ``spec``."""
