@@ -171,3 +171,21 @@ def test_serve_bad_config_and_port_in_use(tmp_path):
         (tmp_path / "slimta.yaml").write_text(GOOD.replace("2525", str(port)))
         out = run("serve", "-c", str(tmp_path / "slimta.yaml"))
         assert out.returncode == 1 and "cannot listen" in out.stderr
+
+
+def test_serve_unusable_data_dir(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    bad_dir = str(tmp_path / "file/x")
+    out = run("serve", "--listen", f"127.0.0.1:{free_port()}",
+              "--listen", f"submission=127.0.0.1:{free_port()}",
+              "--admin", f"127.0.0.1:{free_port()}", "--data-dir", bad_dir, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "slimta: cannot start" in out.stderr and "Traceback" not in out.stderr
+    # no first user to make: the SQLite queue is what fails
+    (tmp_path / "c.yaml").write_text(f"""
+edge: {{in: {{type: smtp, queue: q, listener: '127.0.0.1:{free_port()}'}}}}
+queue: {{q: {{type: sqlite}}}}
+""")
+    out = run("serve", "-c", str(tmp_path / "c.yaml"), "--data-dir", bad_dir)
+    assert out.returncode == 1
+    assert "slimta: cannot start" in out.stderr and "Traceback" not in out.stderr

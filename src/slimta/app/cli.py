@@ -121,7 +121,13 @@ async def _run(app) -> None:
         await app.stop()
         click.echo(f"slimta: cannot listen: {exc}", err=True)
         sys.exit(1)
-    await app.started()
+    try:
+        await app.started()
+    except Exception as exc:  # a queue file that cannot be opened, ...
+        log.debug("start failed", exc_info=True)
+        await app.stop()
+        click.echo(f"slimta: cannot start: {exc}", err=True)
+        sys.exit(1)
     for name in app.edges:
         spec = app.config.edge[name]
         where = ", ".join(_where(x) for x in getattr(spec, "listener", []))
@@ -175,7 +181,11 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
     except ConfigError as exc:
         _config_error(exc)
     if not no_edge:
-        first = ensure_first_user(config)
+        try:
+            first = ensure_first_user(config)
+        except OSError as exc:
+            click.echo(f"slimta: cannot start: {exc}", err=True)
+            sys.exit(1)
         if first is not None:
             user, password, path = first
             click.echo(f"slimta: created the submission user {user} with password {password}\n"
