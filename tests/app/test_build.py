@@ -269,3 +269,34 @@ def test_every_relay_type(tmp_path):
                      "lmtp": "StaticLmtpRelay", "pipe": "PipeRelay",
                      "maildrop": "MaildropRelay", "dovecot": "DovecotLdaRelay",
                      "maildir": "MaildirRelay", "blackhole": "BlackholeRelay"}
+
+
+async def test_tls_edge_offers_starttls_and_auth_over_it(tls_cert, client_tls_context):
+    certfile = tls_cert[0]  # the key is in the same file
+    config = parse_config({
+        "edge": {"sub": {"type": "smtp", "queue": "q", "tls": {"certfile": certfile},
+                         "rules": {"lookup_credentials": {
+                             "type": "config", "map": {"u@x.test": {"password": "pw"}}}}}},
+        "queue": {"q": {"type": "memory", "relay": "r"}},
+        "relay": {"r": {"type": "blackhole"}},
+    })
+    port = listen_free(config, "sub")["sub"]
+    app = build(config)
+    app.start()
+    try:
+        await app.started()
+
+        def session():
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo()
+                assert client.has_extn("starttls")
+                assert "PLAIN" not in client.esmtp_features.get("auth", "")
+                client.starttls(context=client_tls_context)
+                client.ehlo()
+                assert "PLAIN" in client.esmtp_features["auth"]
+                client.login("u@x.test", "pw")
+                return client.sendmail("u@x.test", ["a@example.org"], b"\r\nhi\r\n")
+
+        assert await asyncio.to_thread(session) == {}
+    finally:
+        await app.stop()
