@@ -300,3 +300,40 @@ async def test_tls_edge_offers_starttls_and_auth_over_it(tls_cert, client_tls_co
         assert await asyncio.to_thread(session) == {}
     finally:
         await app.stop()
+
+
+async def test_reject_spam_asks_spamd_at_end_of_data():
+    answer = b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 15.0 / 5.0\r\n\r\n"
+
+    async def handle(reader, writer):
+        await reader.read()
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    spamd = await asyncio.start_server(handle, "127.0.0.1", 0)
+    spamd_port = spamd.sockets[0].getsockname()[1]
+    config = parse_config({
+        "edge": {"in": {"type": "smtp", "queue": "q", "rules": {
+            "reject_spam": {"host": "127.0.0.1", "port": spamd_port},
+            "reject_spf": ["fail"], "dnsbl": ["bl.test"]}}},
+        "queue": {"q": {"type": "memory"}},
+    })
+    port = listen_free(config, "in")["in"]
+    app = build(config)
+    app.start()
+    try:
+        await app.started()
+
+        def session():
+            # loopback clients skip the SPF and DNSBL checks; spamd calls it spam
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                with pytest.raises(smtplib.SMTPDataError) as refused:
+                    client.sendmail("a@example.net", ["b@example.org"], b"\r\nbuy\r\n")
+                return refused.value.smtp_code
+
+        assert await asyncio.to_thread(session) == 550
+    finally:
+        await app.stop()
+        spamd.close()
+        await spamd.wait_closed()
