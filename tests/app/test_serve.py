@@ -111,6 +111,10 @@ def test_serve_compat_sample_and_sigterm(tmp_path):
         with connect(port, proc) as client:
             assert client.sendmail("a@example.net", ["abuse@example.com"],
                                    b"Subject: hi\r\n\r\nhello\r\n") == {}
+        proc.send_signal(signal.SIGHUP)  # not fatal
+        time.sleep(0.3)
+        with connect(port, proc) as client:
+            assert client.noop()[0] == 250
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

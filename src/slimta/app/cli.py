@@ -115,6 +115,9 @@ async def _run(app) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # until reloading lands, SIGHUP must not end the process (its default action)
+    loop.add_signal_handler(signal.SIGHUP, log.warning,
+                            "SIGHUP: reloading the config is not supported yet; still running")
     try:
         app.start()
     except OSError as exc:
