@@ -2,8 +2,8 @@
 
 The commands talk to a :class:`QueueClient`. :class:`SqliteQueueClient` works
 directly on the SQLite file of a :class:`~slimta.queue.sqlite.SqliteStorage`
-whose daemon is stopped (a client for a running daemon, through its admin
-endpoint, implements the same interface).
+whose daemon is stopped; :class:`AdminQueueClient` works on a queue of a
+running daemon through its admin endpoint (:mod:`slimta.app.admin`).
 
 One process uses a queue file at a time (see :mod:`slimta.queue.sqlite`), and
 a running daemon keeps its schedule in memory: a change made behind its back
@@ -52,6 +52,7 @@ __all__ = [
     "EXIT_MISSING",
     "EXIT_OK",
     "EXIT_USAGE",
+    "AdminQueueClient",
     "BatchResult",
     "MessageDetail",
     "QueueBusyError",
@@ -352,6 +353,164 @@ class SqliteQueueClient(QueueClient):
         return dict(await self._storage.stats())
 
 
+class AdminQueueClient(QueueClient):
+    """A :class:`QueueClient` on the queue ``queue_name`` of a running daemon.
+
+    ``url`` is the daemon's admin endpoint (``http://127.0.0.1:8025``);
+    ``token`` its bearer token, if it has one. Without ``queue_name`` the
+    daemon must have exactly one queue (else :class:`QueueUnavailableError`
+    lists them). One HTTP session (keep-alive) for everything, one request
+    per id; the daemon applies each change to its schedule at once.
+    """
+
+    def __init__(self, url: str, queue_name: str | None = None, token: str | None = None,
+                 batch: int = BATCH, timeout: float = 30.0, connections: int = 8) -> None:
+        self.url = url.rstrip("/")
+        if "://" not in self.url:
+            self.url = "http://" + self.url
+        self.queue_name = queue_name
+        self.token = token
+        self.batch = batch
+        self.timeout = timeout
+        self.connections = connections
+        self._session: Any = None
+
+    async def open(self) -> None:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._session = aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(limit=self.connections))
+        try:
+            names = list((await self._json("GET", "/queues"))["queues"])
+        except BaseException:
+            await self.close()
+            raise
+        if self.queue_name is None:
+            if len(names) != 1:
+                await self.close()
+                raise QueueUnavailableError(
+                    f"the daemon at {self.url} has {len(names)} queues, choose one with "
+                    f"--queue NAME: {', '.join(names) or '(none)'}")
+            self.queue_name = names[0]
+        elif self.queue_name not in names:
+            await self.close()
+            raise QueueUnavailableError(
+                f"the daemon at {self.url} has no queue named {self.queue_name!r} "
+                f"(it has: {', '.join(names) or 'none'})")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _path(self, *parts: str) -> str:
+        from urllib.parse import quote
+
+        return "/queues/" + "/".join(quote(p, safe="") for p in (self.queue_name or "", *parts))
+
+    async def _request(self, method: str, path: str) -> tuple[int, bytes]:
+        """(status, body); connection failures and 401 raise QueueUnavailableError."""
+        import aiohttp
+
+        try:
+            async with self._session.request(method, self.url + path) as response:
+                body = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise QueueUnavailableError(
+                f"cannot reach the admin endpoint at {self.url}: {exc or type(exc).__name__}"
+            ) from exc
+        if status == 401:
+            hint = "the token was refused" if self.token else "it requires a token"
+            raise QueueUnavailableError(
+                f"the admin endpoint at {self.url} answered 401 Unauthorized: {hint} "
+                "(give it with --token-env VAR, the name of a variable holding it)")
+        return status, body
+
+    async def _json(self, method: str, path: str, missing_ok: bool = False) -> Any:
+        """The JSON answer; None for a 404 when ``missing_ok``."""
+        status, body = await self._request(method, path)
+        if status == 404 and missing_ok:
+            return None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if status != 200 or data is None:
+            text = data.get("error") if isinstance(data, dict) else body[:200].decode(
+                "utf-8", "replace")
+            raise QueueUnavailableError(
+                f"the admin endpoint at {self.url} answered {status} to {method} {path}: {text}")
+        return data
+
+    async def list(self) -> list[QueueEntry]:
+        data = await self._json("GET", self._path())
+        fields = QueueEntry.__dataclass_fields__
+        return [QueueEntry(**{k: v for k, v in e.items() if k in fields})
+                for e in data["entries"]]
+
+    async def show(self, id: str) -> MessageDetail:
+        info = await self._json("GET", self._path(id), missing_ok=True)
+        if info is None:
+            raise KeyError(id)
+        status, data = await self._request("GET", self._path(id, "message"))
+        if status == 404:
+            raise KeyError(id)
+        if status != 200:
+            raise QueueUnavailableError(
+                f"the admin endpoint at {self.url} answered {status} for message {id}")
+        return MessageDetail(
+            id=id, envelope=info["envelope"], data=data,
+            delivered=list(info.get("delivered_indexes") or []), attempts=info["attempts"],
+            next_attempt=info["next_attempt"], last_reply=info["last_reply"],
+            held=info["held"])
+
+    async def _each(self, ids: Sequence[str], method: str, action: str | None,
+                    progress: Progress | None) -> BatchResult:
+        """One request per id (``action``: POST .../id/action, else DELETE .../id)."""
+
+        async def one(id: str) -> bool:
+            path = self._path(id, action) if action else self._path(id)
+            return await self._json(method, path, missing_ok=True) is not None
+
+        result = BatchResult()
+        total = len(ids)
+        for start in range(0, total, self.batch):
+            chunk = ids[start:start + self.batch]
+            found = await asyncio.gather(*(one(id) for id in chunk))
+            for id, ok in zip(chunk, found, strict=True):
+                (result.done if ok else result.missing).append(id)
+            if progress is not None:
+                progress(min(start + self.batch, total), total)
+        return result
+
+    async def retry(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._each(ids, "POST", "retry", progress)
+
+    async def hold(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._each(ids, "POST", "hold", progress)
+
+    async def release(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._each(ids, "POST", "release", progress)
+
+    async def delete(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._each(ids, "DELETE", None, progress)
+
+    async def flush(self, progress: Progress | None = None) -> BatchResult:
+        ids = [e.id for e in await self.list() if not e.held]
+        await self._json("POST", self._path("flush"))
+        if progress is not None:
+            progress(len(ids), len(ids))
+        return BatchResult(done=ids)
+
+    async def stats(self) -> dict[str, int]:
+        data = await self._json("GET", self._path("stats"))
+        data.pop("queue", None)
+        return data
+
+
 # --- the commands ------------------------------------------------------------
 
 _FULL_ID = re.compile(r"[0-9a-f]{32}")
@@ -520,10 +679,12 @@ def _print_detail(d: MessageDetail) -> None:
 _QUEUE_HELP = """Look at and manage a queue, like Postfix's postqueue and postsuper.
 
 \b
---db works on the SQLite queue file of a STOPPED daemon. Reading (list,
-show, stats) is safe at any time; changes are refused while another
-process (a running daemon) has the file open: a daemon keeps its schedule
-in memory and would not see them.
+--admin URL works on a RUNNING daemon through its admin endpoint
+(--queue NAME picks one of its queues; --token-env VAR names the
+variable holding its bearer token). --db PATH works on the SQLite queue
+file of a STOPPED daemon: reading (list, show, stats) is safe at any
+time; changes are refused while another process (a running daemon) has
+the file open. Give one of --db and --admin.
 
 Ids may be shortened to a unique prefix.
 
@@ -532,17 +693,61 @@ Exit codes:
   0  done
   1  some id was not found (the others were still processed)
   2  usage error, or the queue cannot be used (missing file, not a
-     slimta queue, in use by a running daemon)
+     slimta queue, in use by a running daemon, daemon unreachable,
+     token refused, no such queue)
 """
 
 
+def _client_factory(ctx: click.Context, db: str | None, admin: str | None,
+                    queue_name: str | None, token_env: str | None) -> Callable[[], QueueClient]:
+    """The client the options ask for; a UsageError (exit 2) for a bad combination."""
+    src = click.core.ParameterSource
+    if db is not None and admin is not None:
+        # an option on the command line wins over the other one's environment variable
+        db_cli = ctx.get_parameter_source("db") == src.COMMANDLINE
+        admin_cli = ctx.get_parameter_source("admin") == src.COMMANDLINE
+        if db_cli == admin_cli:
+            raise click.UsageError("--db and --admin are mutually exclusive")
+        if db_cli:
+            admin = None
+        else:
+            db = None
+    if db is not None:
+        for name, value in (("--queue", queue_name), ("--token-env", token_env)):
+            if value is not None:
+                raise click.UsageError(f"{name} goes with --admin, not --db")
+        path = db
+        return lambda: SqliteQueueClient(path)
+    if admin is None:
+        raise click.UsageError("give --db PATH (a stopped daemon's queue file) or --admin URL "
+                               "(a running daemon's admin endpoint)")
+    token = None
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if not token:
+            raise click.UsageError(f"--token-env {token_env}: the variable is not set")
+    else:
+        token = os.environ.get("SLIMTA_ADMIN_TOKEN") or None
+    url = admin
+    return lambda: AdminQueueClient(url, queue_name, token)
+
+
 @click.group("queue", help=_QUEUE_HELP)
-@click.option("--db", "db", required=True, envvar="SLIMTA_QUEUE_DB", metavar="PATH",
+@click.option("--db", "db", default=None, envvar="SLIMTA_QUEUE_DB", metavar="PATH",
               type=click.Path(dir_okay=False),
-              help="The SQLite queue file (or $SLIMTA_QUEUE_DB).")
+              help="The SQLite queue file of a stopped daemon (or $SLIMTA_QUEUE_DB).")
+@click.option("--admin", "admin", default=None, envvar="SLIMTA_ADMIN_URL", metavar="URL",
+              help="The admin endpoint of a running daemon, e.g. http://127.0.0.1:8025 "
+                   "(or $SLIMTA_ADMIN_URL).")
+@click.option("--queue", "queue_name", default=None, metavar="NAME",
+              help="With --admin: which queue of the daemon (default: its only one).")
+@click.option("--token-env", "token_env", default=None, metavar="VAR",
+              help="With --admin: the environment variable holding the bearer token "
+                   "(default: $SLIMTA_ADMIN_TOKEN if set).")
 @click.pass_context
-def queue(ctx: click.Context, db: str) -> None:
-    ctx.obj = lambda: SqliteQueueClient(db)
+def queue(ctx: click.Context, db: str | None, admin: str | None, queue_name: str | None,
+          token_env: str | None) -> None:
+    ctx.obj = _client_factory(ctx, db, admin, queue_name, token_env)
 
 
 @queue.command("list", short_help="Every message, like postqueue -p.")
