@@ -17,6 +17,7 @@ from importlib import resources
 import click
 
 import slimta
+from slimta.app.process import Process, ProcessError, setup_logging, stop_within
 from slimta.app.queuecli import queue
 from slimta.app.send import send
 
@@ -64,14 +65,6 @@ _CONFIG_OPTION = click.option(
     help="The YAML config (default: the embedded default; see `slimta config init`).")
 
 
-def _setup_logging(settings) -> None:
-    if settings.logging:
-        logging.config.dictConfig(settings.logging)
-        return
-    logging.basicConfig(level=getattr(logging, settings.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-
 def _apply_overrides(config, listen: tuple[str, ...], hostname: str | None,
                      max_size: int | None, admin: str | None, data_dir: str | None) -> None:
     from slimta.app.config import AdminConfig, Listener, SmtpEdgeConfig
@@ -110,7 +103,7 @@ def _where(listener) -> str:
     return f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
 
 
-async def _run(app) -> None:
+async def _run(app, proc=None) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,6 +124,13 @@ async def _run(app) -> None:
         await app.stop()
         click.echo(f"slimta: cannot start: {exc}", err=True)
         sys.exit(1)
+    try:  # the pid file, then user/group (after binding and opening the data dir)
+        if proc is not None:
+            proc.started()
+    except (OSError, ProcessError) as exc:
+        await app.stop()
+        click.echo(f"slimta: cannot start: {exc}", err=True)
+        sys.exit(1)
     for name in app.edges:
         spec = app.config.edge[name]
         where = ", ".join(_where(x) for x in getattr(spec, "listener", []))
@@ -142,7 +142,7 @@ async def _run(app) -> None:
     sys.stdout.flush()
     await stopping.wait()
     log.info("stopping")
-    await app.stop()
+    await stop_within(app, app.config.process_settings().shutdown_timeout)
 
 
 @main.command()
@@ -170,7 +170,7 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
     (a user is made and printed at the first start) relayed by MX, and
     serves metrics on http://127.0.0.1:8025/metrics.
     """
-    from slimta.app.build import build, ensure_first_user
+    from slimta.app.build import build, data_dir_of, ensure_first_user
     from slimta.app.config import ConfigError
 
     try:
@@ -178,7 +178,13 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
     except ConfigError as exc:
         _config_error(exc)
     _apply_overrides(config, listen, hostname, max_size, admin_listen, data_dir)
-    _setup_logging(config.process_settings())
+    setup_logging(config.process_settings())
+    proc = Process(config.process_settings(), data_dir_of(config))
+    try:
+        proc.check()
+    except ProcessError as exc:
+        click.echo(f"slimta: cannot start: {exc}", err=True)
+        sys.exit(1)
     try:
         app = build(config, no_edge=no_edge, no_relay=no_relay)
     except ConfigError as exc:
@@ -193,7 +199,10 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
             user, password, path = first
             click.echo(f"slimta: created the submission user {user} with password {password}\n"
                        f"        (shown only now; its hash is in {path})")
-    asyncio.run(_run(app))
+    try:
+        asyncio.run(_run(app, proc))
+    finally:
+        proc.close()
 
 
 @main.command()
