@@ -103,14 +103,17 @@ def _where(listener) -> str:
     return f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
 
 
-async def _run(app, proc=None) -> None:
+async def _run(app, proc=None, again=None, no_edge: bool = False,
+               no_relay: bool = False) -> None:
+    from slimta.app.reload import Reloader
+
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    # until reloading lands, SIGHUP must not end the process (its default action)
-    loop.add_signal_handler(signal.SIGHUP, log.warning,
-                            "SIGHUP: reloading the config is not supported yet; still running")
+    reloader = Reloader(app, again or (lambda: app.config), stopping.set,
+                        no_edge=no_edge, no_relay=no_relay)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     try:
         app.start()
     except OSError as exc:
@@ -142,6 +145,8 @@ async def _run(app, proc=None) -> None:
     sys.stdout.flush()
     await stopping.wait()
     log.info("stopping")
+    await reloader.finish()
+    app = reloader.app
     await stop_within(app, app.config.process_settings().shutdown_timeout)
 
 
@@ -199,8 +204,13 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
             user, password, path = first
             click.echo(f"slimta: created the submission user {user} with password {password}\n"
                        f"        (shown only now; its hash is in {path})")
+    def again():  # SIGHUP: the config file again, with this command line's overrides
+        new = load(config_file)
+        _apply_overrides(new, listen, hostname, max_size, admin_listen, data_dir)
+        return new
+
     try:
-        asyncio.run(_run(app, proc))
+        asyncio.run(_run(app, proc, again, no_edge, no_relay))
     finally:
         proc.close()
 

@@ -761,6 +761,29 @@ class SmtpEdge(Edge):
             ssl=self.context if self.tls_immediately else None,
             ssl_handshake_timeout=self.command_timeout if self.tls_immediately else None)
 
+    def handover_socket(self):
+        """A duplicate of the bound listening socket, for an edge that takes over (reload).
+
+        The duplicate keeps listening (connections wait in the backlog) after
+        this edge closes its own descriptor in :meth:`drain` or :meth:`stop`.
+        """
+        self._prepare()
+        return self._sock.dup()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let sessions end on their own within ``timeout``, then :meth:`stop`.
+
+        ``timeout`` defaults to ``shutdown_timeout``; sessions still open then
+        are shut down as by :meth:`stop` (421 when idle).
+        """
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.shutdown_timeout if timeout is None else timeout)
+        while (self._sessions or self._proxy_pending) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
     async def _end(self) -> None:
         if self._server is not None:
             self._server.close()
