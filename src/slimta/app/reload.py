@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,14 @@ from slimta.app import build as B
 __all__ = ["Reloader", "reload_app"]
 
 log = logging.getLogger("slimta.app.reload")
+
+#: the configured ``(interface, port)`` of an edge whose listener became a handed-over socket
+_ADDRESS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _address(edge: Any) -> tuple | None:
+    listener = _ADDRESS.get(edge, getattr(edge, "listener", None))
+    return tuple(listener) if isinstance(listener, tuple) else None
 
 
 def _dump(config: Any) -> Any:
@@ -43,8 +52,9 @@ def _sockets(app: B.App) -> dict[tuple, Any]:
     found: dict[tuple, Any] = {}
     for edges in app.edges.values():
         for edge in edges:
-            if hasattr(edge, "handover_socket") and isinstance(edge.listener, tuple):
-                found[tuple(edge.listener)] = edge
+            address = _address(edge)
+            if hasattr(edge, "handover_socket") and address is not None:
+                found[address] = edge
     return found
 
 
@@ -52,10 +62,10 @@ def _hand_over(old: B.App, new_edges: dict[str, list[Any]]) -> None:
     old_by_address = _sockets(old)
     for edges in new_edges.values():
         for edge in edges:
-            if not isinstance(getattr(edge, "listener", None), tuple):
-                continue
-            previous = old_by_address.get(tuple(edge.listener))
+            address = _address(edge)
+            previous = old_by_address.get(address) if address is not None else None
             if previous is not None and previous._sock is not None:
+                _ADDRESS[edge] = address
                 edge.listener = previous.handover_socket()
 
 
