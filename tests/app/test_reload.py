@@ -153,3 +153,29 @@ def test_sighup_keeps_queued_mail_when_the_queue_changes(tmp_path):
         stop(proc)
     assert "Traceback" not in (tmp_path / "stderr.log").read_text()
 
+
+
+def test_sighup_moves_a_listener(tmp_path):
+    """A listener added by the reload is bound; one the new config drops is closed."""
+    port, other = free_port(), free_port()
+    config = tmp_path / "slimta.yaml"
+    write(config, port, "one")
+    proc = start(tmp_path, config)
+    try:
+        connect(port, proc).quit()
+        config.write_text(config.read_text().replace(f"'127.0.0.1:{port}'",
+                                                     f"['127.0.0.1:{other}']"))
+        proc.send_signal(signal.SIGHUP)
+        with connect(other, proc) as client:
+            assert client.noop()[0] == 250
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the dropped listener still accepts")
+    finally:
+        stop(proc)
