@@ -25,7 +25,8 @@ JSON output (``--json``), times in seconds since the epoch:
 ``retry``, ``hold``, ``release``, ``delete``, ``flush``
     ``{"done": [ids], "missing": [ids]}``.
 ``stats``
-    ``{"messages", "held", "recipients", "bytes"}``.
+    ``{"messages", "held", "recipients", "bytes"}`` (through the admin endpoint
+    also ``"attempting"``, the deliveries in progress).
 """
 
 from __future__ import annotations
