@@ -193,3 +193,51 @@ queue: {{q: {{type: sqlite}}}}
     out = run("serve", "-c", str(tmp_path / "c.yaml"), "--data-dir", bad_dir)
     assert out.returncode == 1
     assert "slimta: cannot start" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_no_relay_and_no_edge_at_once_share_the_queue(tmp_path):
+    """An edge-only and a delivering process run together over one SQLite file."""
+    port = free_port()
+    config = tmp_path / "slimta.yaml"
+    config.write_text(f"""
+process:
+  slimta: {{data_dir: data}}
+edge:
+  in: {{type: smtp, queue: q, listener: '127.0.0.1:{port}'}}
+queue:
+  q: {{type: sqlite, relay: md}}
+relay:
+  md: {{type: maildir, path: 'mail', fsync: false}}
+""")
+    edge = subprocess.Popen([*CLI, "serve", "-c", str(config), "--no-relay"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    deliver = None
+    try:
+        with connect(port, edge) as client:
+            client.sendmail("a@example.net", ["b@example.org"], b"\r\nfirst\r\n")
+            deliver = subprocess.Popen([*CLI, "serve", "-c", str(config), "--no-edge"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+            new = tmp_path / "data/mail/new"
+            for _ in range(400):
+                if new.is_dir() and any(new.iterdir()):
+                    break
+                time.sleep(0.05)
+            # stored while the delivering process runs: it finds this one by polling
+            for n in range(5):
+                client.sendmail("a@example.net", ["b@example.org"], f"\r\nlater {n}\r\n".encode())
+        bodies = []
+        for _ in range(400):
+            bodies = [p.read_bytes() for p in new.iterdir()]
+            if len(bodies) == 6:
+                break
+            time.sleep(0.05)
+        assert len(bodies) == 6
+        assert sum(b"later" in b for b in bodies) == 5
+        for proc in (edge, deliver):
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 0
+    finally:
+        edge.kill()
+        if deliver is not None:
+            deliver.kill()

@@ -370,3 +370,19 @@ async def test_message_deleted_during_its_attempt_is_not_rescheduled(clock, stor
     assert calls == [0]
     assert await queue.list() == []
     await queue.stop()
+
+
+async def test_poll_picks_up_messages_stored_by_another_process(clock, tmp_path):
+    db = str(tmp_path / "shared.db")
+    relay = ScriptedRelay(None, None)
+    delivering = await started(Queue(SqliteStorage(db), relay, clock=clock, poll_interval=1.0))
+    # another queue object (another process in real life) stores without a relay
+    storing = await started(Queue(SqliteStorage(db), None, clock=clock))
+    await storing.enqueue(make_envelope(rcpts=["x@example.com"]))
+    await delivering.join()
+    assert relay.calls == []
+    await clock.advance(1.0)
+    await delivering.join()
+    assert [rcpts for _, rcpts, _ in relay.calls] == [["x@example.com"]]
+    await storing.stop()
+    await delivering.stop()

@@ -355,8 +355,10 @@ class _Builder:
             store = DictStorage()
         else:
             raise _fail(path, f"queue type {spec.type!r} is not wired into the daemon yet")
+        # a delivery-only process (--no-edge) shares the storage with an edge-only
+        # one: it must look for what the other stores
         return Queue(store, relay, backoff=self.backoff(spec.retry), relay_pool=spec.relay_pool,
-                     hostname=self.hostname)
+                     hostname=self.hostname, poll_interval=1.0 if self.no_edge else None)
 
     # --- edges -----------------------------------------------------------
     def server_tls(self, tls: C.ServerTls | None) -> ssl.SSLContext | None:

@@ -109,7 +109,8 @@ class Queue(Service):
 
     def __init__(self, store: QueueStorage, relay=None, backoff: Callable | None = None,
                  bounce_factory: Callable | None = None, bounce_queue=None,
-                 relay_pool: int | None = None, clock=None, hostname: str | None = None):
+                 relay_pool: int | None = None, clock=None, hostname: str | None = None,
+                 poll_interval: float | None = None):
         self.store = store
         self.relay = relay
         self.clock = clock or SystemClock()
@@ -118,6 +119,9 @@ class Queue(Service):
         self.bounce_factory = bounce_factory or _default_bounce_factory(self.hostname)
         self.bounce_queue = bounce_queue
         self.relay_pool = relay_pool or DEFAULT_RELAY_POOL
+        #: with storage shared by another process (one edge-only, one delivering),
+        #: look for messages it stored every so many seconds
+        self.poll_interval = poll_interval
         self.queue_policies: list = []
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}  # id -> its current entry in _heap
@@ -201,8 +205,13 @@ class Queue(Service):
 
     async def _run(self) -> None:
         heap, due = self._heap, self._due
+        next_poll = self.clock.time() + self.poll_interval if self.poll_interval else None
         while True:
             now = self.clock.time()
+            if next_poll is not None and now >= next_poll:
+                await self._poll()
+                now = self.clock.time()
+                next_poll = now + self.poll_interval
             while heap and heap[0][0] <= now:
                 timestamp, _, qid = heapq.heappop(heap)
                 if due.get(qid) != timestamp:
@@ -218,8 +227,21 @@ class Queue(Service):
             if not self._attempting:
                 self._idle.set()
             delay = heap[0][0] - now if heap else None
+            if next_poll is not None:
+                delay = next_poll - now if delay is None else min(delay, next_poll - now)
             await self.clock.wait(self._wake, delay)
             self._idle.clear()
+
+    async def _poll(self) -> None:
+        """Schedule messages another process stored (shared storage)."""
+        try:
+            entries = await self.store.load()
+        except Exception:
+            log.exception("could not read the queue storage")
+            return
+        for timestamp, qid in entries:
+            if qid not in self._due and qid not in self._attempting:
+                self._schedule(qid, timestamp)
 
     def _attempt_done(self, qid: str) -> None:
         self._attempting.pop(qid, None)

@@ -42,9 +42,11 @@ Format
     one transaction. A file from a newer slimta is refused with
     :class:`StorageVersionError`, and so is a file of another application.
 
-One process uses a database file at a time: the writer thread is the only
-writer the design plans for (another process would wait for SQLite's lock,
-up to ``busy_timeout``).
+Usually one process uses a database file. Two may share it, as the daemon's
+``--no-relay`` (edge-only) and ``--no-edge`` (delivering) processes do:
+SQLite's locks serialise their writers (each waits up to ``busy_timeout``),
+and the delivering queue finds what the other stored by polling
+(:attr:`slimta.queue.Queue.poll_interval`).
 """
 
 from __future__ import annotations
