@@ -195,11 +195,9 @@ def smtp_sink():
 
     Default: 127.0.0.1 on a free port. Any 127.x.y.z address works for MX tests.
     """
-    from smtpsink import SmtpSink, find_sink
+    from smtpsink import SmtpSink
 
-    binary = find_sink()
-    if binary is None:
-        pytest.fail("required program 'smtp-sink' is not installed (see .ci/run)")
+    binary = require_tool("smtp-sink")
     sinks = []
 
     def start(*options, host="127.0.0.1", port=None):

@@ -83,9 +83,3 @@ def parse_dump(raw: bytes) -> dict:
     return {"sender": sender, "recipients": rcpts, "data": body, "mail_args": mail_args,
             "rcpt_args": rcpt_args}
 
-
-def find_sink() -> str | None:
-    path = shutil.which("smtp-sink")
-    if path is None and os.path.exists("/usr/sbin/smtp-sink"):
-        path = "/usr/sbin/smtp-sink"
-    return path

@@ -10,32 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# the same config as tests/app/test_config.py, so the line numbers match its messages
+from test_config import BASE
+
 CLI = [sys.executable, "-c", "from slimta.app.cli import main; main()"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 ENV.pop("SLIMTA_TEST_PASSWORD", None)
 
-# the same config as tests/app/test_config.py, so the line numbers match its messages
-BASE = """\
-edge:
-  inbound:
-    type: smtp
-    queue: inbound
-    listener: {interface: 127.0.0.1, port: 1025}
-    rules:
-      dnsbl: zen.spamhaus.org
-queue:
-  inbound:
-    type: memory
-    relay: out
-    policies:
-      - {type: add_date_header}
-    retry:
-      maximum: 3
-      delay: 30*x
-relay:
-  out:
-    type: blackhole
-"""
 
 
 def changed(old: str, new: str) -> str:
