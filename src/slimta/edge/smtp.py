@@ -479,9 +479,6 @@ class SmtpSession(asyncio.Protocol):
         self.security = "TLS"
         self.conn.tls_started()
 
-    def _on_have_data(self, ev: HaveData):
-        return self._have_data(ev)
-
     async def _have_data(self, ev: HaveData) -> None:
         reply = ev.reply
         try:
@@ -535,7 +532,7 @@ class SmtpSession(asyncio.Protocol):
         Mail: _on_mail,
         Rcpt: _on_rcpt,
         DataStart: _on_data,
-        HaveData: _on_have_data,
+        HaveData: _have_data,
         Rset: _on_rset,
         Auth: _on_auth,
         StartTls: _on_starttls,

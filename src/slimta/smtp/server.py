@@ -336,7 +336,7 @@ class ServerConnection:
                 line = self._read_line()
                 if line is None:
                     return None
-                ev = self._auth_step(line) if mode == _AUTH else self._command(line)
+                ev = self._auth_advance(line) if mode == _AUTH else self._command(line)
             if ev is None:
                 continue
             if ev is True:  # input exhausted in a content mode
@@ -760,9 +760,6 @@ class ServerConnection:
         initial = parts[1] if len(parts) == 2 else None
         self._auth_exchange = AuthExchange(mech, initial, self.hostname, self._nonce())
         return self._auth_advance(None)
-
-    def _auth_step(self, line: str) -> Event | None:
-        return self._auth_advance(line)
 
     def _auth_advance(self, line: str | None) -> Event | None:
         result = self._auth_exchange.step(line)

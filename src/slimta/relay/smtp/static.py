@@ -65,12 +65,11 @@ class StaticSmtpRelay(Relay):
     async def _attempt(self, envelope, attempts: int):
         return await self.pool.deliver(envelope)
 
-    async def _end(self) -> None:
-        await self.pool.close()
-
     async def close(self) -> None:
         """Close idle connections (also done by ``stop()``)."""
         await self.pool.close()
+
+    _end = close
 
 
 class StaticLmtpRelay(StaticSmtpRelay):
