@@ -14,6 +14,7 @@ import inspect
 import ipaddress
 import logging
 import ssl
+import weakref
 
 from slimta.edge import Edge
 from slimta.envelope import Envelope
@@ -193,6 +194,7 @@ class SmtpSession(asyncio.Protocol):
 
     # --- asyncio.Protocol ------------------------------------------
     def connection_made(self, transport) -> None:
+        self.edge._accepted.pop(self, None)
         peer = transport.get_extra_info("peername")
         self._start(transport, tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or ""), 0))
 
@@ -556,6 +558,7 @@ class _ProxyHeaderReader(asyncio.Protocol):
         self._timer = None
 
     def connection_made(self, transport) -> None:
+        self.edge._accepted.pop(self, None)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = tuple(peer[:2]) if isinstance(peer, tuple) else (str(peer or ""), 0)
@@ -722,6 +725,10 @@ class SmtpEdge(Edge):
         self._sock = None
         self._server = None
         self._sessions: set[SmtpSession] = set()
+        # protocols the loop created for an accepted socket, before connection_made
+        # (a TLS handshake, a task step): drain() waits for them too; weak because a
+        # failed handshake never calls connection_made
+        self._accepted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._per_ip: dict[str, int] = {}
         self._all_closed: asyncio.Event | None = None
         self._background: set[asyncio.Future] = set()  # hooks nobody waits for
@@ -749,10 +756,13 @@ class SmtpEdge(Edge):
 
     async def _begin(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._proxy_versions:
-            factory = lambda: _ProxyHeaderReader(self)  # noqa: E731
-        else:
-            factory = lambda: SmtpSession(self)  # noqa: E731
+        protocol_class = _ProxyHeaderReader if self._proxy_versions else SmtpSession
+
+        def factory():
+            protocol = protocol_class(self)
+            self._accepted[protocol] = loop.time()
+            return protocol
+
         self._server = await loop.create_server(
             factory, sock=self._sock, backlog=self.backlog,
             ssl=self.context if self.tls_immediately else None,
@@ -775,11 +785,18 @@ class SmtpEdge(Edge):
         """
         if self._server is not None:
             self._server.close()
+        await asyncio.sleep(0)  # an accept task already scheduled creates its protocol
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.shutdown_timeout if timeout is None else timeout)
-        while (self._sessions or self._proxy_pending) and loop.time() < deadline:
+        while (self._sessions or self._proxy_pending or self._connecting(loop.time())) \
+                and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self.stop()
+
+    def _connecting(self, now: float) -> bool:
+        """Whether a socket accepted before the listener closed is still on its way to a session."""
+        grace = self.command_timeout if self.tls_immediately else 5.0
+        return any(now - created < grace for created in self._accepted.values())
 
     async def _end(self) -> None:
         if self._server is not None:
