@@ -11,11 +11,12 @@ power loss, DictStorage nothing).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from slimta.envelope import Envelope
 
-__all__ = ["QueueEntry", "QueueStorage", "StoredMessage"]
+__all__ = ["QueueEntry", "QueueStorage", "SharedQueueStorage", "StoredMessage"]
 
 
 @dataclass
@@ -125,3 +126,57 @@ class QueueStorage(ABC):
             "recipients": sum(len(e.recipients) for e in entries),
             "bytes": sum(e.size for e in entries),
         }
+
+
+class SharedQueueStorage(QueueStorage):
+    """A storage several queues (processes, hosts) use at once, with delivery leases.
+
+    A queue on a shared storage keeps no schedule of its own: it asks the
+    storage for due messages with :meth:`claim`, which gives each message to
+    one queue only, for ``lease`` seconds. The queue renews the leases of the
+    messages it is delivering (:meth:`renew`); ``record_attempt`` and
+    ``remove`` end a lease (whoever holds it), :meth:`release` ends one
+    without a result. ``load()`` and ``list()`` include leased messages. A
+    message whose lease ran out (its host died) is due again, so another
+    queue claims it: delivery is at least once.
+
+    Times are the callers' (``Queue.clock``), in seconds since the epoch, so
+    hosts sharing a storage need synchronised clocks (NTP) and tests can
+    inject one. ``owner`` names this queue in the leases it holds.
+    """
+
+    shared = True
+    owner: str
+
+    @abstractmethod
+    async def claim(self, now: float, limit: int, lease: float) -> list[str]:
+        """Lease up to ``limit`` due messages until ``now + lease``; return their ids.
+
+        Due: not held, next attempt at or before ``now``, and no lease or an
+        expired one. Oldest due first. Atomic across every user of the storage.
+        """
+
+    @abstractmethod
+    async def renew(self, ids: list[str], now: float, lease: float) -> list[str]:
+        """Extend this owner's leases on ``ids`` to ``now + lease``; the ids still held."""
+
+    @abstractmethod
+    async def release(self, id: str, timestamp: float | None = None) -> None:
+        """End this owner's lease on ``id`` (next attempt at ``timestamp`` when given)."""
+
+    @abstractmethod
+    async def next_due(self, now: float) -> float | None:
+        """When the next claim could succeed: the earliest next attempt or lease expiry.
+
+        None when nothing is queued that is not held.
+        """
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Have ``wake()`` called (on the event loop) when any user makes a message due now.
+
+        Called by the queue before :meth:`open`. Storages with a notification
+        channel (PostgreSQL LISTEN/NOTIFY, Redis pub/sub) call it after a
+        ``write``, a ``set_timestamp``, a ``set_held(id, False)`` or a
+        ``release`` by any user, their own included; others never call it and
+        the queue polls (``Queue.poll_interval``).
+        """
