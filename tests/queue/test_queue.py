@@ -10,7 +10,7 @@ import pytest
 
 from slimta.envelope import Envelope
 from slimta.queue import Queue, QueueError, exponential_backoff
-from slimta.queue.dict import DictStorage
+from slimta.queue.dict import DictStorage, SharedDictStorage
 from slimta.queue.sqlite import SqliteStorage
 from slimta.relay import PermanentRelayError, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
@@ -63,11 +63,14 @@ def no_jitter(clock):
                                clock=clock)
 
 
-@pytest.fixture(params=["dict", "sqlite"])
+@pytest.fixture(params=["dict", "sqlite", "shared"])
 def storage_factory(request, tmp_path):
     if request.param == "dict":
         store = DictStorage()
         return lambda: store
+    if request.param == "shared":
+        shared = SharedDictStorage()
+        return lambda: shared
     return lambda: SqliteStorage(str(tmp_path / "queue.db"))
 
 

@@ -7,6 +7,12 @@ a time, and acts on the results per recipient: delivered ones are recorded
 and never tried again, transient failures are retried after
 :func:`exponential_backoff`, permanent failures (and those that ran out of
 retries) are bounced together in one delivery status notification.
+
+With a :class:`~slimta.queue.storage.SharedQueueStorage` (PostgreSQL, Redis)
+the queue keeps no schedule of its own: several queues, on several hosts,
+claim due messages from the storage with a lease, renew the leases while
+they deliver, and a message whose host died is claimed again when its lease
+runs out.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import random
 import socket
 from collections.abc import Callable, Mapping
 
-from slimta.queue.storage import QueueEntry, QueueStorage, StoredMessage
+from slimta.queue.storage import QueueEntry, QueueStorage, SharedQueueStorage, StoredMessage
 from slimta.relay import RelayError, TransientRelayError
 from slimta.service import Service
 from slimta.smtp.reply import Reply
@@ -33,6 +39,7 @@ __all__ = [
     "QueueEntry",
     "QueueError",
     "QueueStorage",
+    "SharedQueueStorage",
     "StoredMessage",
     "exponential_backoff",
 ]
@@ -40,6 +47,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_RELAY_POOL = 10
+#: seconds a claimed message stays leased to its queue without renewal
+DEFAULT_LEASE = 300.0
+#: with shared storage, how often to look for due messages when no notification came
+DEFAULT_SHARED_POLL = 5.0
 
 
 class QueueError(Exception):
@@ -105,12 +116,17 @@ class Queue(Service):
     ``relay_pool`` bounds concurrent delivery attempts (default 10).
     ``clock`` (``time()``, ``async wait(event, timeout)``) is injectable so
     tests can run a retry schedule without waiting.
+
+    With a :class:`SharedQueueStorage`, due messages are claimed from the
+    storage for ``lease`` seconds (renewed every ``lease / 3`` while the
+    attempt runs); ``poll_interval`` (default 5 s) bounds how long the queue
+    waits for a notification before it looks again.
     """
 
     def __init__(self, store: QueueStorage, relay=None, backoff: Callable | None = None,
                  bounce_factory: Callable | None = None, bounce_queue=None,
                  relay_pool: int | None = None, clock=None, hostname: str | None = None,
-                 poll_interval: float | None = None):
+                 poll_interval: float | None = None, lease: float = DEFAULT_LEASE):
         self.store = store
         self.relay = relay
         self.clock = clock or SystemClock()
@@ -122,6 +138,9 @@ class Queue(Service):
         #: with storage shared by another process (one edge-only, one delivering),
         #: look for messages it stored every so many seconds
         self.poll_interval = poll_interval
+        self.shared = isinstance(store, SharedQueueStorage)
+        self.lease = float(lease)
+        self._renewer: asyncio.Task | None = None
         self.queue_policies: list = []
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}  # id -> its current entry in _heap
@@ -141,16 +160,24 @@ class Queue(Service):
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._slots = asyncio.Semaphore(self.relay_pool)
+        if self.shared:
+            self.store.watch(self._wake.set)
         await self.store.open()
-        if self.relay is not None:
+        if self.shared:
+            if self.relay is not None:
+                loop = asyncio.get_running_loop()
+                self._scheduler = loop.create_task(self._run_shared())
+                self._renewer = loop.create_task(self._renew_leases())
+        elif self.relay is not None:
             for timestamp, qid in await self.store.load():
                 self._schedule(qid, timestamp)
             self._scheduler = asyncio.get_running_loop().create_task(self._run())
 
     async def _end(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            await asyncio.gather(self._scheduler, return_exceptions=True)
+        for task in (self._scheduler, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         # attempts in progress finish: their results must be recorded
         if self._attempting:
             await asyncio.gather(*self._attempting.values(), return_exceptions=True)
@@ -195,6 +222,10 @@ class Queue(Service):
 
     # --- scheduling ---------------------------------------------------------
     def _schedule(self, qid: str, timestamp: float) -> None:
+        if self.shared:  # the storage keeps the schedule: just look again
+            if self._wake is not None:
+                self._wake.set()
+            return
         self._due[qid] = timestamp
         heapq.heappush(self._heap, (timestamp, next(self._seq), qid))
         if self._wake is not None:
@@ -232,6 +263,59 @@ class Queue(Service):
             await self.clock.wait(self._wake, delay)
             self._idle.clear()
 
+    async def _run_shared(self) -> None:
+        """The scheduler with shared storage: claim what is due, sleep until more is."""
+        wake, clock = self._wake, self.clock
+        poll = self.poll_interval or DEFAULT_SHARED_POLL
+        while True:
+            wake.clear()  # before the claim: a notification during it is not lost
+            now = clock.time()
+            free = self.relay_pool - len(self._attempting)
+            claimed: list[str] = []
+            delay: float | None = poll
+            try:
+                if free > 0:
+                    claimed = await self.store.claim(now, free, self.lease)
+                    for qid in claimed:
+                        self._start_attempt(qid)
+                if len(claimed) < free:
+                    due = await self.store.next_due(now)
+                    if due is not None:
+                        delay = min(poll, max(0.0, due - now))
+                elif free > 0:
+                    delay = 0.0  # maybe more is due
+                else:
+                    delay = None  # every slot busy: an attempt that ends wakes us
+            except Exception:
+                log.exception("could not claim messages from the queue storage")
+            if not self._attempting and not claimed:
+                self._idle.set()
+            await clock.wait(wake, delay)
+            self._idle.clear()
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of the messages being attempted until their attempts end."""
+        interval = self.lease / 3
+        while True:
+            await self.clock.wait(asyncio.Event(), interval)
+            ids = list(self._attempting)
+            if not ids:
+                continue
+            try:
+                kept = set(await self.store.renew(ids, self.clock.time(), self.lease))
+            except Exception:
+                log.exception("could not renew %d delivery leases", len(ids))
+                continue
+            for qid in ids:
+                if qid not in kept and qid in self._attempting:
+                    log.warning("id=%s lost its delivery lease; another queue may deliver it too",
+                                qid)
+
+    def _start_attempt(self, qid: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._attempt(qid))
+        self._attempting[qid] = task
+        task.add_done_callback(lambda _t, q=qid: self._attempt_done(q))
+
     async def _poll(self) -> None:
         """Schedule messages another process stored (shared storage)."""
         try:
@@ -245,7 +329,8 @@ class Queue(Service):
 
     def _attempt_done(self, qid: str) -> None:
         self._attempting.pop(qid, None)
-        self._slots.release()
+        if not self.shared:  # shared: the claim counted the free slots itself
+            self._slots.release()
         if not self._attempting:
             self._wake.set()  # let the scheduler notice it is idle
 
@@ -268,6 +353,8 @@ class Queue(Service):
         except KeyError:
             return
         if stored.held:
+            if self.shared:
+                await self._release_lease(qid, None)
             return
         try:
             await self._deliver(qid, stored)
@@ -276,7 +363,18 @@ class Queue(Service):
         except Exception:
             # never lose the message to a bug here: try again later
             log.exception("id=%s attempt failed unexpectedly; retrying later", qid)
-            self._schedule(qid, self.clock.time() + 60)
+            if self.shared:
+                await self._release_lease(qid, self.clock.time() + 60)
+            else:
+                self._schedule(qid, self.clock.time() + 60)
+
+    async def _release_lease(self, qid: str, timestamp: float | None) -> None:
+        try:
+            await self.store.release(qid, timestamp)
+        except KeyError:
+            pass
+        except Exception:  # the lease runs out on its own
+            log.exception("id=%s could not release its delivery lease", qid)
 
     async def _deliver(self, qid: str, stored: StoredMessage) -> None:
         pending = stored.pending
@@ -408,6 +506,8 @@ class Queue(Service):
             return
         now = self.clock.time()
         for _, qid in await self.store.load():
+            if self.shared:
+                await self.store.set_timestamp(qid, now)
             self._schedule(qid, now)
 
     async def stats(self) -> dict:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
-from slimta.queue.storage import QueueEntry, QueueStorage, StoredMessage
+from slimta.queue.storage import QueueEntry, QueueStorage, SharedQueueStorage, StoredMessage
 
-__all__ = ["DictStorage"]
+__all__ = ["DictStorage", "SharedDictStorage"]
 
 
 @dataclass(slots=True)
@@ -140,3 +140,87 @@ class DictStorage(QueueStorage):
             ),
             "bytes": sum(len(e.data) for e in entries),
         }
+
+
+class SharedDictStorage(DictStorage, SharedQueueStorage):
+    """A DictStorage that several queues of one process share, with delivery leases.
+
+    For tests and examples of shared queues without a database:
+    :meth:`peer` gives another user (another ``owner``) of the same messages.
+    Leases, claims and wake-ups follow
+    :class:`~slimta.queue.storage.SharedQueueStorage`.
+    """
+
+    def __init__(self, *, owner: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock=clock)
+        self.owner = owner or uuid.uuid4().hex[:8]
+        self._leases: dict[str, tuple[str, float]] = {}  # id -> (owner, expiry)
+        self._watchers: list[Callable[[], None]] = []
+
+    def peer(self, owner: str | None = None) -> SharedDictStorage:
+        """Another user of the same messages, leases and wake-ups."""
+        other = SharedDictStorage(owner=owner, clock=self._clock)
+        other._messages, other._leases, other._watchers = (
+            self._messages, self._leases, self._watchers)
+        return other
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        self._watchers.append(wake)
+
+    def _notify(self) -> None:
+        for wake in self._watchers:
+            wake()
+
+    def _leased(self, id: str, now: float) -> bool:
+        lease = self._leases.get(id)
+        return lease is not None and lease[1] >= now
+
+    async def write(self, envelope: Envelope, timestamp: float) -> str:
+        id = await super().write(envelope, timestamp)
+        self._notify()
+        return id
+
+    async def set_timestamp(self, id: str, timestamp: float) -> None:
+        await super().set_timestamp(id, timestamp)
+        self._notify()
+
+    async def set_held(self, id: str, held: bool) -> None:
+        await super().set_held(id, held)
+        if not held:
+            self._notify()
+
+    async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
+                             last_reply: str | None) -> int:
+        attempts = await super().record_attempt(id, timestamp, delivered, last_reply)
+        self._leases.pop(id, None)
+        return attempts
+
+    async def remove(self, id: str) -> bool:
+        self._leases.pop(id, None)
+        return await super().remove(id)
+
+    async def claim(self, now: float, limit: int, lease: float) -> list[str]:
+        ids = [id for id, e in self._ordered()
+               if not e.held and e.timestamp <= now and not self._leased(id, now)][:limit]
+        for id in ids:
+            self._leases[id] = (self.owner, now + lease)
+        return ids
+
+    async def renew(self, ids: list[str], now: float, lease: float) -> list[str]:
+        kept = [id for id in ids if self._leases.get(id, ("", 0.0))[0] == self.owner]
+        for id in kept:
+            self._leases[id] = (self.owner, now + lease)
+        return kept
+
+    async def release(self, id: str, timestamp: float | None = None) -> None:
+        entry = self._entry(id)
+        if self._leases.get(id, ("", 0.0))[0] == self.owner:
+            del self._leases[id]
+        if timestamp is not None:
+            entry.timestamp = float(timestamp)
+        self._notify()
+
+    async def next_due(self, now: float) -> float | None:
+        times = [max(e.timestamp, self._leases[id][1]) if self._leased(id, now) else e.timestamp
+                 for id, e in self._messages.items() if not e.held]
+        return min(times, default=None)
