@@ -163,10 +163,13 @@ BROKEN = {
     "edge without a type": (
         changed("    type: smtp\n", ""),
         "slimta.yaml:2: edge.inbound.type: required key missing"),
-    "queue storage that comes later": (
-        changed("type: memory", "type: redis"),
-        "slimta.yaml:10: queue.inbound.type: queue type 'redis' is not available yet "
-        "(use sqlite, memory, proxy or custom)"),
+    "a redis queue key misspelt": (
+        changed("type: memory", "type: redis\n    prefx: 'mail:'"),
+        "slimta.yaml:11: queue.inbound.prefx: unknown key (did you mean 'prefix'?)"),
+    "a postgres schema that is not an identifier": (
+        changed("type: memory", "type: postgres\n    schema: 'a; drop'"),
+        "slimta.yaml:11: queue.inbound.schema: string should match pattern "
+        "'^[A-Za-z_][A-Za-z0-9_]*$'"),
     "a policy that is not a mapping": (
         changed("- {type: add_date_header}", "- add_date_header"),
         "slimta.yaml:13: queue.inbound.policies[0]: expected a mapping"),

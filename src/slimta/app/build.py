@@ -133,6 +133,20 @@ class App:
                     await close()
 
 
+def shared_storage(spec: C.PostgresQueueConfig | C.RedisQueueConfig) -> Any:
+    """The storage of a ``postgres`` or ``redis`` queue section (also for ``slimta queue``)."""
+    if isinstance(spec, C.PostgresQueueConfig):
+        from slimta.queue.postgres import PostgresStorage
+        return PostgresStorage(spec.dsn, schema=spec.schema_, owner=spec.owner,
+                               pool_size=spec.pool_size)
+    from slimta.queue.redis import RedisStorage
+    if spec.url is not None:
+        return RedisStorage(spec.url, prefix=spec.prefix, owner=spec.owner,
+                            socket_timeout=spec.socket_timeout)
+    return RedisStorage(host=spec.host, port=spec.port, db=spec.db, password=spec.password,
+                        prefix=spec.prefix, owner=spec.owner, socket_timeout=spec.socket_timeout)
+
+
 class _Builder:
     def __init__(self, config: C.Config, no_edge: bool, no_relay: bool):
         self.config = config
@@ -353,6 +367,10 @@ class _Builder:
         elif isinstance(spec, C.MemoryQueueConfig):
             from slimta.queue.dict import DictStorage
             store = DictStorage()
+        elif isinstance(spec, C.PostgresQueueConfig | C.RedisQueueConfig):
+            store = shared_storage(spec)
+            return Queue(store, relay, backoff=self.backoff(spec.retry),
+                         relay_pool=spec.relay_pool, hostname=self.hostname, lease=spec.lease)
         else:
             raise _fail(path, f"queue type {spec.type!r} is not wired into the daemon yet")
         # a delivery-only process (--no-edge) shares the storage with an edge-only

@@ -762,15 +762,34 @@ class CustomQueueConfig(_QueueBase):
     options: dict[str, Any] = {}
 
 
-class _NotYetQueue(_Model):
-    model_config = ConfigDict(extra="allow")
+class _SharedQueueBase(_QueueBase):
+    lease: float = Field(300.0, gt=0)
+    owner: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse(cls, value: Any) -> Any:
-        kind = value.get("type") if isinstance(value, dict) else None
-        raise ConfigValueError(f"queue type {kind!r} is not available yet "
-                               "(use sqlite, memory, proxy or custom)", "type")
+
+class PostgresQueueConfig(_SharedQueueBase):
+    """Shared by every host and worker on one PostgreSQL database (``PostgresStorage``)."""
+
+    type: Literal["postgres"]
+    dsn: str = "postgresql://127.0.0.1:5432/slimta"
+    schema_: str = Field("slimta", alias="schema", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    pool_size: int = Field(10, ge=1)
+
+
+class RedisQueueConfig(_SharedQueueBase):
+    """Shared by every host and worker on one Redis server (``RedisStorage``).
+
+    ``url`` or the original app's keys ``host``, ``port``, ``db``, ``password``.
+    """
+
+    type: Literal["redis"]
+    url: str | None = None
+    host: str = "localhost"
+    port: int = Field(6379, ge=1, le=65535)
+    db: int = Field(0, ge=0)
+    password: str | None = None
+    prefix: str = "slimta:"
+    socket_timeout: float | None = Field(None, gt=0)
 
 
 QueueConfig = Annotated[
@@ -778,8 +797,8 @@ QueueConfig = Annotated[
     | Annotated[MemoryQueueConfig, Tag("memory")]
     | Annotated[ProxyQueueConfig, Tag("proxy")]
     | Annotated[CustomQueueConfig, Tag("custom")]
-    | Annotated[_NotYetQueue, Tag("redis")]
-    | Annotated[_NotYetQueue, Tag("postgres")],
+    | Annotated[RedisQueueConfig, Tag("redis")]
+    | Annotated[PostgresQueueConfig, Tag("postgres")],
     Discriminator(_type_of("sqlite")),
 ]
 
