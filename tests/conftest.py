@@ -232,3 +232,25 @@ def redis_prefix(request):
             await client.aclose()
 
     asyncio.run(clean())
+
+
+PG_DSN = os.environ.get("SLIMTA_TEST_PG", "postgresql://127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_schema(request):
+    """A unique PostgreSQL schema name (``t_<module>_<hex>``) on the local ``test`` database,
+    dropped with everything in it afterwards. Fails (never skips) without PostgreSQL."""
+    import uuid
+
+    import psycopg
+
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required at {PG_DSN}: {exc}")
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    name = f"t_{module}_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

@@ -55,9 +55,22 @@ def message(n: int):
     return env
 
 
-@pytest.fixture(params=["dict"])
+@pytest.fixture(params=["dict", "postgres", "redis"])
 def shared_pair(request):
     """Two users (owners ``a`` and ``b``) of one new, empty shared storage."""
+    if request.param == "postgres":
+        from slimta.queue.postgres import PostgresStorage
+
+        from conftest import PG_DSN
+
+        schema = request.getfixturevalue("pg_schema")
+        return tuple(PostgresStorage(PG_DSN, schema=schema, owner=o) for o in "ab")
+    if request.param == "redis":
+        from slimta.queue.redis import RedisStorage
+
+        prefix = request.getfixturevalue("redis_prefix")
+        return tuple(RedisStorage("redis://127.0.0.1:6379/0", prefix=prefix, owner=o)
+                     for o in "ab")
     first = SharedDictStorage(owner="a")
     return first, first.peer("b")
 
