@@ -60,6 +60,7 @@ __all__ = [
     "QueueClient",
     "QueueUnavailableError",
     "SqliteQueueClient",
+    "StorageQueueClient",
     "queue",
     "queue_file_in_use",
 ]
@@ -246,44 +247,32 @@ def queue_file_in_use(path: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
-class SqliteQueueClient(QueueClient):
-    """A :class:`QueueClient` on the SQLite queue file ``path`` of a stopped daemon.
+class StorageQueueClient(QueueClient):
+    """A :class:`QueueClient` working directly on a :class:`~slimta.queue.storage.QueueStorage`.
 
-    The file must exist. Changes are refused with :class:`QueueBusyError`
-    while another process has the file open; reads are allowed.
+    Used as it is for shared storages (PostgreSQL, Redis), which running
+    daemons watch: a change made here (retry, release) wakes them through the
+    storage's notifications, and one made to a message being delivered just
+    loses to the delivery's result.
     """
 
-    def __init__(self, path: str | os.PathLike[str], batch: int = BATCH) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, storage: Any, batch: int = BATCH) -> None:
         self.batch = batch
-        self._storage: Any = None
+        self._storage: Any = storage
         self._busy = False
 
     async def open(self) -> None:
-        from slimta.queue.sqlite import SqliteStorage, StorageVersionError
-
-        if not os.path.isfile(self.path):
-            raise QueueUnavailableError(f"no queue file at {self.path!r}")
-        # before our own connections exist (see queue_file_in_use)
-        self._busy = queue_file_in_use(self.path)
-        storage = SqliteStorage(self.path, busy_timeout=5.0, readers=1)
         try:
-            await storage.open()
-        except (StorageVersionError, sqlite3.Error) as exc:
-            raise QueueUnavailableError(f"cannot open the queue {self.path!r}: {exc}") from exc
-        self._storage = storage
+            await self._storage.open()
+        except Exception as exc:
+            raise QueueUnavailableError(f"cannot open the queue storage: {exc}") from exc
 
     async def close(self) -> None:
         if self._storage is not None:
             await self._storage.close()
-            self._storage = None
 
     def _writable(self) -> None:
-        if self._busy:
-            raise QueueBusyError(
-                f"the queue {self.path!r} is open in another process (a running daemon?): "
-                "stop it before changing its queue file"
-            )
+        """Raise :class:`QueueBusyError` when changes must not be made now."""
 
     async def _each(self, ids: Sequence[str], op: Callable[[str], Awaitable[bool]],
                     progress: Progress | None) -> BatchResult:
@@ -352,6 +341,44 @@ class SqliteQueueClient(QueueClient):
 
     async def stats(self) -> dict[str, int]:
         return dict(await self._storage.stats())
+
+
+class SqliteQueueClient(StorageQueueClient):
+    """A :class:`QueueClient` on the SQLite queue file ``path`` of a stopped daemon.
+
+    The file must exist. Changes are refused with :class:`QueueBusyError`
+    while another process has the file open; reads are allowed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], batch: int = BATCH) -> None:
+        super().__init__(None, batch)
+        self.path = os.fspath(path)
+
+    async def open(self) -> None:
+        from slimta.queue.sqlite import SqliteStorage, StorageVersionError
+
+        if not os.path.isfile(self.path):
+            raise QueueUnavailableError(f"no queue file at {self.path!r}")
+        # before our own connections exist (see queue_file_in_use)
+        self._busy = queue_file_in_use(self.path)
+        storage = SqliteStorage(self.path, busy_timeout=5.0, readers=1)
+        try:
+            await storage.open()
+        except (StorageVersionError, sqlite3.Error) as exc:
+            raise QueueUnavailableError(f"cannot open the queue {self.path!r}: {exc}") from exc
+        self._storage = storage
+
+    async def close(self) -> None:
+        if self._storage is not None:
+            await self._storage.close()
+            self._storage = None
+
+    def _writable(self) -> None:
+        if self._busy:
+            raise QueueBusyError(
+                f"the queue {self.path!r} is open in another process (a running daemon?): "
+                "stop it before changing its queue file"
+            )
 
 
 class AdminQueueClient(QueueClient):
@@ -685,7 +712,10 @@ _QUEUE_HELP = """Look at and manage a queue, like Postfix's postqueue and postsu
 variable holding its bearer token). --db PATH works on the SQLite queue
 file of a STOPPED daemon: reading (list, show, stats) is safe at any
 time; changes are refused while another process (a running daemon) has
-the file open. Give one of --db and --admin.
+the file open. --config PATH works on the storage of a queue of that
+config file (--queue NAME picks one): a postgres or redis queue shared
+by running daemons, which see the changes at once, or a sqlite queue
+file as with --db. Give one of --db, --admin and --config.
 
 Ids may be shortened to a unique prefix.
 
@@ -699,10 +729,49 @@ Exit codes:
 """
 
 
+def _config_client(path: str, queue_name: str | None) -> Callable[[], QueueClient]:
+    """The client for the storage of the queue ``queue_name`` in the config file ``path``."""
+    from slimta.app import build as B
+    from slimta.app import config as C
+    from slimta.app.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except (ConfigError, OSError) as exc:
+        raise _Unavailable(f"--config {path}: {exc}") from exc
+    names = list(config.queue)
+    if queue_name is None:
+        if len(names) != 1:
+            raise click.UsageError(f"--config {path} has the queues {', '.join(names)}: "
+                                   "pick one with --queue NAME")
+        queue_name = names[0]
+    spec = config.queue.get(queue_name)
+    if spec is None:
+        raise _Unavailable(f"--config {path}: no queue named {queue_name!r} "
+                           f"(there are: {', '.join(names) or 'none'})")
+    if isinstance(spec, C.SqliteQueueConfig):
+        file = os.path.join(B.data_dir_of(config), os.path.expanduser(spec.path or
+                                                                      f"{queue_name}.db"))
+        return lambda: SqliteQueueClient(file)
+    if isinstance(spec, C.PostgresQueueConfig | C.RedisQueueConfig):
+        return lambda: StorageQueueClient(B.shared_storage(spec))
+    raise _Unavailable(f"--config {path}: queue {queue_name!r} is of type {spec.type!r}, "
+                       "which keeps nothing another process can reach: use --admin")
+
+
 def _client_factory(ctx: click.Context, db: str | None, admin: str | None,
-                    queue_name: str | None, token_env: str | None) -> Callable[[], QueueClient]:
+                    queue_name: str | None, token_env: str | None,
+                    config: str | None = None) -> Callable[[], QueueClient]:
     """The client the options ask for; a UsageError (exit 2) for a bad combination."""
     src = click.core.ParameterSource
+    if config is not None:
+        given = [name for name, value in (("db", db), ("admin", admin))
+                 if value is not None and ctx.get_parameter_source(name) == src.COMMANDLINE]
+        if given:
+            raise click.UsageError("--config goes without --db and --admin")
+        if token_env is not None:
+            raise click.UsageError("--token-env goes with --admin, not --config")
+        return _config_client(config, queue_name)
     if db is not None and admin is not None:
         # an option on the command line wins over the other one's environment variable
         db_cli = ctx.get_parameter_source("db") == src.COMMANDLINE
@@ -740,15 +809,19 @@ def _client_factory(ctx: click.Context, db: str | None, admin: str | None,
 @click.option("--admin", "admin", default=None, envvar="SLIMTA_ADMIN_URL", metavar="URL",
               help="The admin endpoint of a running daemon, e.g. http://127.0.0.1:8025 "
                    "(or $SLIMTA_ADMIN_URL).")
+@click.option("--config", "-c", "config", default=None, metavar="PATH",
+              type=click.Path(dir_okay=False),
+              help="A config file: work on the storage of one of its queues (postgres, "
+                   "redis or sqlite).")
 @click.option("--queue", "queue_name", default=None, metavar="NAME",
-              help="With --admin: which queue of the daemon (default: its only one).")
+              help="With --admin or --config: which queue (default: the only one).")
 @click.option("--token-env", "token_env", default=None, metavar="VAR",
               help="With --admin: the environment variable holding the bearer token "
                    "(default: $SLIMTA_ADMIN_TOKEN if set).")
 @click.pass_context
-def queue(ctx: click.Context, db: str | None, admin: str | None, queue_name: str | None,
-          token_env: str | None) -> None:
-    ctx.obj = _client_factory(ctx, db, admin, queue_name, token_env)
+def queue(ctx: click.Context, db: str | None, admin: str | None, config: str | None,
+          queue_name: str | None, token_env: str | None) -> None:
+    ctx.obj = _client_factory(ctx, db, admin, queue_name, token_env, config)
 
 
 @queue.command("list", short_help="Every message, like postqueue -p.")
