@@ -230,3 +230,42 @@ async def test_held_messages_are_not_claimed_until_released(shared_pair, clock):
                     break
                 await asyncio.sleep(0.01)
     assert delivered["m1"] == 1
+
+
+async def test_a_full_queue_claims_again_as_soon_as_one_attempt_ends(shared_pair, clock):
+    """With every slot busy, one finished attempt lets the next message start at once."""
+    delivered = collections.Counter()
+    store, _ = shared_pair
+    turns = asyncio.Semaphore(0)  # each release lets one attempt finish
+
+    class OneAtATime(CountingRelay):
+        async def _attempt(self, envelope, attempts):
+            self.started += 1
+            await turns.acquire()
+            self.delivered[envelope.headers["Subject"]] += 1
+            return Reply("250", "2.0.0 Ok")
+
+    queue = Queue(store, OneAtATime("a", delivered), clock=clock, relay_pool=2, lease=LEASE,
+                  poll_interval=3600)
+
+    async def started(count):
+        for _ in range(300):
+            if queue.relay.started == count:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async with queue:
+        for n in range(3):
+            await queue.enqueue(message(n))
+        assert await started(2)
+        turns.release()  # one ends, the other still runs
+        third = await started(3)
+        turns.release()
+        turns.release()
+        assert third, "the third waited for every attempt to end"
+        for _ in range(300):
+            if sum(delivered[f"m{n}"] for n in range(3)) == 3:
+                break
+            await asyncio.sleep(0.01)
+    assert all(delivered[f"m{n}"] == 1 for n in range(3))

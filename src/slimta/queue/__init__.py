@@ -329,8 +329,10 @@ class Queue(Service):
 
     def _attempt_done(self, qid: str) -> None:
         self._attempting.pop(qid, None)
-        if not self.shared:  # shared: the claim counted the free slots itself
-            self._slots.release()
+        if self.shared:
+            self._wake.set()  # a free slot: claim more
+            return
+        self._slots.release()
         if not self._attempting:
             self._wake.set()  # let the scheduler notice it is idle
 
