@@ -323,7 +323,10 @@ class RedisStorage(SharedQueueStorage):
     they are an error), or an existing ``redis.asyncio.Redis`` as ``client``
     (made without ``decode_responses``; :meth:`close` leaves it open).
     ``socket_timeout`` (seconds, None for none) bounds every command;
-    ``socket_connect_timeout`` bounds connecting. Every key starts with
+    ``socket_connect_timeout`` bounds connecting. At most ``max_connections``
+    connections are open (one of them for the :meth:`watch` subscription);
+    a command that finds them all busy waits up to ``pool_timeout`` seconds
+    (None: for ever) for one. Every key starts with
     ``prefix``; storages share a queue when they share server and prefix.
 
     ``owner`` names this storage in its leases (default
@@ -354,6 +357,8 @@ class RedisStorage(SharedQueueStorage):
         password: str | None = None,
         socket_timeout: float | None = None,
         socket_connect_timeout: float | None = 10.0,
+        max_connections: int = 32,
+        pool_timeout: float | None = 30.0,
         clock: Callable[[], float] = time.time,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
@@ -369,6 +374,8 @@ class RedisStorage(SharedQueueStorage):
             raise ValueError("RedisStorage needs a client made without decode_responses")
         if wait_replicas < 0 or wait_timeout < 0 or retry_delay < 0:
             raise ValueError("wait_replicas, wait_timeout and retry_delay must not be negative")
+        if max_connections < 2:
+            raise ValueError("max_connections must be at least 2 (one is for pub/sub)")
         self.url = None if keys_given or client is not None else (url or DEFAULT_URL)
         self.host = host if host is not None else "127.0.0.1"
         self.port = int(port) if port is not None else 6379
@@ -376,6 +383,8 @@ class RedisStorage(SharedQueueStorage):
         self.password = password
         self.socket_timeout = socket_timeout
         self.socket_connect_timeout = socket_connect_timeout
+        self.max_connections = int(max_connections)
+        self.pool_timeout = pool_timeout
         self._use_keys = keys_given
         self.prefix = prefix
         self.owner = owner if owner is not None else _default_owner()
@@ -437,19 +446,9 @@ class RedisStorage(SharedQueueStorage):
         if self._given_client is not None:
             client = self._given_client
         else:
-            options: dict[str, Any] = {
-                "socket_timeout": self.socket_timeout,
-                "socket_connect_timeout": self.socket_connect_timeout,
-                "socket_keepalive": True,
-                "client_name": self.client_name,
-            }
-            if self._use_keys:
-                client = aioredis.Redis(host=self.host, port=self.port, db=self.db,
-                                        password=self.password, **options)
-            else:
-                client = aioredis.Redis.from_url(self.url or DEFAULT_URL, **options)
+            client = self._make_client()
             if _decodes(client):
-                await client.aclose()
+                await _close_client(client)
                 raise ValueError("RedisStorage cannot use decode_responses")
         try:
             await self._check_version(client)
@@ -459,7 +458,7 @@ class RedisStorage(SharedQueueStorage):
                     log.warning("queue storage %s: %s", self._where(), self.durability)
         except BaseException:
             if self._given_client is None:
-                await client.aclose()
+                await _close_client(client)
             raise
         self.client = client
         self._scripts = {
@@ -517,7 +516,25 @@ class RedisStorage(SharedQueueStorage):
                 await watcher
         client, self.client = self.client, None
         if self._given_client is None and client is not None:
-            await client.aclose()
+            await _close_client(client)
+
+    def _make_client(self) -> Any:
+        """A client on a pool that waits for a free connection (rather than fail) when
+        ``max_connections`` commands are already running."""
+        options: dict[str, Any] = {
+            "max_connections": self.max_connections,
+            "timeout": self.pool_timeout,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "socket_keepalive": True,
+            "client_name": self.client_name,
+        }
+        if self._use_keys:
+            pool = aioredis.BlockingConnectionPool(
+                host=self.host, port=self.port, db=self.db, password=self.password, **options)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(self.url or DEFAULT_URL, **options)
+        return aioredis.Redis(connection_pool=pool)
 
     # --- wake-ups ----------------------------------------------------------------------
 
@@ -800,6 +817,14 @@ class RedisStorage(SharedQueueStorage):
             due, leases = await pipe.execute()
         times = [float(score) for _member, score in (*due, *leases)]
         return min(times) if times else None
+
+
+async def _close_client(client: Any) -> None:
+    """Close a client made by :meth:`RedisStorage._make_client`, and its pool."""
+    try:
+        await client.aclose()
+    finally:
+        await client.connection_pool.disconnect()
 
 
 def _decodes(client: Any) -> bool:
