@@ -688,7 +688,6 @@ async def test_the_db_key_selects_the_database(redis_prefix):
     await store.open()
     try:
         await store.write(make_envelope(), 0.0)
-        assert await store.client.execute_command("CLIENT", "INFO")
         info = await store.client.client_info()
         assert int(info["db"]) == 3
     finally:
@@ -778,7 +777,7 @@ class FakeConfigClient:
     async def config_get(self, pattern):
         if self.error:
             raise self.error
-        return {pattern.encode(): self.values[pattern].encode()}
+        return {pattern.encode(): self.values.get(pattern, "noeviction").encode()}
 
 
 @pytest.mark.parametrize(("values", "expected"), [
@@ -788,6 +787,10 @@ class FakeConfigClient:
     ({"appendonly": "no", "appendfsync": "everysec", "save": "3600 1 300 100"},
      "since the last snapshot"),
     ({"appendonly": "no", "appendfsync": "everysec", "save": ""}, "no persistence"),
+    ({"appendonly": "yes", "appendfsync": "always", "save": "",
+      "maxmemory-policy": "allkeys-lru"}, "can be evicted"),
+    ({"appendonly": "yes", "appendfsync": "always", "save": "",
+      "maxmemory-policy": "volatile-lru"}, None),
 ])
 async def test_durability_warnings(values, expected):
     warning = await _durability_warning(FakeConfigClient(values))

@@ -67,11 +67,12 @@ Durability
       a crash of Redis, of the kernel, or a power loss (given a disk that
       honours flushes). This is the slowest setting.
     * ``appendonly yes`` with ``appendfsync everysec`` (the Redis default for
-      AOF): the file is written before the reply but fsynced about once a
-      second, so a crash of the Redis process loses nothing, while a kernel
-      crash or power loss can lose roughly the last second (occasionally two)
-      of acknowledged mail. ``appendfsync no`` leaves flushing to the kernel
-      (tens of seconds).
+      AOF): the file is fsynced about once a second, so a crash can lose
+      roughly the last second (at worst about two) of acknowledged mail.
+      Redis normally writes the file before it replies, so it is mostly a
+      crash of the host (kernel, power) that loses mail, rarely a crash of
+      Redis alone. ``appendfsync no`` leaves flushing to the kernel (tens of
+      seconds).
     * No AOF, RDB snapshots only (``save ...``): everything since the last
       snapshot is lost when Redis stops uncleanly. With neither (``save ""``
       and no AOF) a restart of Redis loses the whole queue.
@@ -82,10 +83,13 @@ Durability
       delivered twice) when fewer replicas confirm within ``wait_timeout``.
       ``WAIT`` confirms that replicas *received* the write, not that they
       fsynced it (Redis 7.2's ``WAITAOF`` would; it is not used here).
-
+    * ``maxmemory`` with an ``allkeys-*`` eviction policy silently deletes
+      queued mail when memory runs short. Use ``noeviction`` (then a full
+      Redis refuses writes, and the client is told to try again later).
     At :meth:`~RedisStorage.open` the storage reads ``CONFIG GET appendonly``,
-    ``appendfsync`` and ``save`` and logs a warning when acknowledged mail
-    could be lost (nothing is logged if ``CONFIG`` is disabled or renamed).
+    ``appendfsync``, ``save`` and ``maxmemory-policy`` and logs a warning
+    when acknowledged mail could be lost (nothing is logged if ``CONFIG`` is
+    disabled or renamed; it never refuses to open).
     Where every acknowledged message must survive any crash, use PostgreSQL
     (or SQLite on one host): Redis is the choice for speed and sharing when
     losing the last moments of mail in a power cut is acceptable, or with
@@ -144,6 +148,10 @@ class NotReplicatedError(RedisError):
 def _num(value: float) -> str:
     """A float as the exact text Redis and Lua parse back to the same double."""
     return repr(float(value))
+
+
+def _id(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -716,7 +724,7 @@ class RedisStorage(SharedQueueStorage):
     async def _read_all(self, *fields: str) -> list[tuple[str, list[Any]]]:
         """(id, values of ``fields``) of every message, in arrival order, plus ``seq``."""
         client = self._client()
-        ids = [_text(i) for i in await client.zrange(self._messages, 0, -1)]
+        ids = [_id(i) for i in await client.zrange(self._messages, 0, -1)]
         rows: list[tuple[str, list[Any]]] = []
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start:start + _CHUNK]
@@ -782,7 +790,7 @@ class RedisStorage(SharedQueueStorage):
         claimed = await self._script("claim")(
             keys=[self._due, self._leases],
             args=[_num(now), int(limit), _num(now + lease), self.owner, self._msg_prefix])
-        return [_text(i) for i in claimed]
+        return [_id(i) for i in claimed]
 
     async def renew(self, ids: list[str], now: float, lease: float) -> list[str]:
         """Extend this owner's leases on ``ids`` to ``now + lease``; return those renewed.
@@ -797,7 +805,7 @@ class RedisStorage(SharedQueueStorage):
         renewed = await self._script("renew")(
             keys=[self._leases],
             args=[_num(now), _num(now + lease), self.owner, self._msg_prefix, *ids])
-        return [_text(i) for i in renewed]
+        return [_id(i) for i in renewed]
 
     async def release(self, id: str, timestamp: float | None = None) -> None:
         """End this owner's lease on ``id`` without recording an attempt; the message is
@@ -845,33 +853,45 @@ def _hide_password(url: str) -> str:
 
 
 async def _durability_warning(client: Any) -> str | None:
-    """What the server's persistence settings can lose, or None when every
-    acknowledged write is fsynced (``appendonly yes``, ``appendfsync always``).
+    """What the server's settings can lose of acknowledged mail, or None when every
+    acknowledged write is fsynced (``appendonly yes``, ``appendfsync always``) and
+    nothing is evicted (``maxmemory-policy`` ``noeviction`` or ``volatile-*``:
+    queue keys have no expiry).
 
     None also when ``CONFIG`` is disabled or renamed (then nothing is known).
     """
     try:
         config: dict[Any, Any] = {}
-        for pattern in ("appendonly", "appendfsync", "save"):
+        for pattern in ("appendonly", "appendfsync", "save", "maxmemory-policy"):
             config.update(await client.config_get(pattern))
     except ResponseError as exc:
         log.debug("cannot read the Redis persistence settings: %s", exc)
         return None
-    values = {_text(k): (_text(v) or "") for k, v in config.items()}
-    if values.get("appendonly", "").lower() == "yes":
-        fsync = values.get("appendfsync", "").lower()
-        if fsync == "always":
-            return None
+    values = {_text(k): (_text(v) or "").strip().lower() for k, v in config.items()}
+    problems = []
+    if values.get("appendonly") == "yes":
+        fsync = values.get("appendfsync") or "?"
         if fsync == "everysec":
-            return ("Redis has appendfsync everysec: a crash of the host (kernel, power) can "
-                    "lose about the last second of acknowledged mail; use appendfsync always "
-                    "where that is not acceptable")
-        return (f"Redis has appendfsync {fsync or '?'}: a crash of the host (kernel, power) can "
-                "lose the acknowledged mail the kernel had not yet written; use appendfsync "
-                "always where that is not acceptable")
-    if values.get("save", "").strip():
-        return ("Redis has no append-only file (appendonly no), only RDB snapshots: an "
-                "unclean stop loses all mail acknowledged since the last snapshot; set "
-                "appendonly yes and appendfsync always")
-    return ("Redis has no persistence (appendonly no, save \"\"): a restart of Redis loses the "
-            "whole queue; set appendonly yes and appendfsync always")
+            problems.append(
+                "Redis has appendfsync everysec: a crash (of the host, mostly) can lose about "
+                "the last second of acknowledged mail; use appendfsync always where that is "
+                "not acceptable")
+        elif fsync != "always":
+            problems.append(
+                f"Redis has appendfsync {fsync}: a crash of the host can lose the "
+                "acknowledged mail the kernel had not yet written; use appendfsync always "
+                "where that is not acceptable")
+    elif values.get("save"):
+        problems.append(
+            "Redis has no append-only file (appendonly no), only RDB snapshots: an unclean "
+            "stop loses all mail acknowledged since the last snapshot; set appendonly yes "
+            "and appendfsync always")
+    else:
+        problems.append(
+            "Redis has no persistence (appendonly no, save \"\"): a restart of Redis loses "
+            "the whole queue; set appendonly yes and appendfsync always")
+    if values.get("maxmemory-policy", "noeviction").startswith("allkeys-"):
+        problems.append(
+            f"Redis has maxmemory-policy {values['maxmemory-policy']}: queued mail can be "
+            "evicted when memory runs short; use noeviction")
+    return "; ".join(problems) or None
