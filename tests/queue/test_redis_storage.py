@@ -9,8 +9,8 @@ are deleted afterwards. Without a reachable Redis every test fails: none is skip
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
+import os
 
 import pytest
 import redis
@@ -477,14 +477,8 @@ async def test_next_due(store):
 
 async def test_changes_by_another_storage_wake_the_watcher(redis_prefix, other):
     woke = asyncio.Event()
-    count = itertools.count()
-
-    def wake():
-        next(count)
-        woke.set()
-
     watcher = RedisStorage(prefix=redis_prefix, owner="watcher")
-    watcher.watch(wake)
+    watcher.watch(woke.set)
     await watcher.open()
     try:
         qid = await other.write(make_envelope(), 100.0)
@@ -749,7 +743,7 @@ async def test_an_unreachable_server_fails_open(redis_prefix):
 async def test_the_owner_defaults_to_host_and_pid(redis_prefix):
     a, b = RedisStorage(prefix=redis_prefix), RedisStorage(prefix=redis_prefix)
     assert a.owner != b.owner
-    assert f":{__import__('os').getpid()}:" in a.owner
+    assert f":{os.getpid()}:" in a.owner
 
 
 # --- durability ----------------------------------------------------------------------------

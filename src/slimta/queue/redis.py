@@ -415,7 +415,7 @@ class RedisStorage(SharedQueueStorage):
         self._watcher: asyncio.Task | None = None
         self._pubsub: Any = None
         self._scripts: dict[str, Any] = {}
-        #: What :meth:`durability_warning` found at :meth:`open` (None: nothing to warn of).
+        #: The warning about the server's settings logged at :meth:`open` (None: none).
         self.durability: str | None = None
 
     def __repr__(self) -> str:
