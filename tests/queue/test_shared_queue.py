@@ -106,9 +106,9 @@ async def test_two_queues_deliver_each_message_once_and_share_the_work(shared_pa
                 break
             await asyncio.sleep(0.01)
         await settle(a, b)
+        assert await store_a.load() == []
     assert all(delivered[f"m{n}"] == 1 for n in range(60)), delivered
     assert delivered["a"] > 0 and delivered["b"] > 0
-    assert await store_a.load() == []
 
 
 async def test_an_edge_only_queue_wakes_a_delivering_one(shared_pair, clock):
@@ -155,8 +155,8 @@ async def test_a_dead_hosts_message_is_delivered_by_another_after_its_lease(shar
                 break
             await asyncio.sleep(0.01)
         await settle(b)
+        assert await store_b.load() == []
     assert delivered["m1"] == 1 and delivered["b"] == 1
-    assert await store_b.load() == []
     await a.stop()
 
 
@@ -207,8 +207,8 @@ async def test_a_deferred_message_is_retried_by_either_queue_after_its_backoff(
                 break
             await asyncio.sleep(0.01)
         await settle(a, b)
+        assert await store_a.load() == []
     assert delivered["m1"] == 1 and relay.started == 2
-    assert await store_a.load() == []
 
 
 async def test_held_messages_are_not_claimed_until_released(shared_pair, clock):

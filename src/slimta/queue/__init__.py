@@ -280,8 +280,8 @@ class Queue(Service):
                         self._start_attempt(qid)
                 if len(claimed) < free:
                     due = await self.store.next_due(now)
-                    if due is not None:
-                        delay = min(poll, max(0.0, due - now))
+                    if due is not None:  # the clock may have moved during the awaits
+                        delay = min(poll, max(0.0, due - clock.time()))
                 elif free > 0:
                     delay = 0.0  # maybe more is due
                 else:

@@ -173,7 +173,7 @@ class SharedDictStorage(DictStorage, SharedQueueStorage):
 
     def _leased(self, id: str, now: float) -> bool:
         lease = self._leases.get(id)
-        return lease is not None and lease[1] >= now
+        return lease is not None and lease[1] > now  # over at its expiry
 
     async def write(self, envelope: Envelope, timestamp: float) -> str:
         id = await super().write(envelope, timestamp)

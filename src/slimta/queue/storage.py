@@ -152,8 +152,9 @@ class SharedQueueStorage(QueueStorage):
     async def claim(self, now: float, limit: int, lease: float) -> list[str]:
         """Lease up to ``limit`` due messages until ``now + lease``; return their ids.
 
-        Due: not held, next attempt at or before ``now``, and no lease or an
-        expired one. Oldest due first. Atomic across every user of the storage.
+        Due: not held, next attempt at or before ``now``, and no lease or one
+        that expired (a lease is over at its expiry: ``expiry <= now``).
+        Oldest due first. Atomic across every user of the storage.
         """
 
     @abstractmethod
