@@ -119,8 +119,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
-from slimta.queue.sqlite import StorageVersionError
-from slimta.queue.storage import QueueEntry, SharedQueueStorage, StoredMessage
+from slimta.queue.storage import (
+    QueueEntry,
+    SharedQueueStorage,
+    StorageVersionError,
+    StoredMessage,
+)
 
 __all__ = ["DEFAULT_URL", "SCHEMA_VERSION", "NotReplicatedError", "RedisStorage",
            "StorageVersionError"]

@@ -65,7 +65,7 @@ from typing import Any
 
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
-from slimta.queue.storage import QueueEntry, QueueStorage, StoredMessage
+from slimta.queue.storage import QueueEntry, QueueStorage, StorageVersionError, StoredMessage
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStorage",
            "StorageVersionError", "migrate"]
@@ -74,23 +74,6 @@ __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStorage",
 APPLICATION_ID = 0x736C5131
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-
-class StorageVersionError(RuntimeError):
-    """The database was written by a newer slimta (or is not a slimta queue).
-
-    ``found`` is the version of the file, ``supported`` the newest this code knows.
-    """
-
-    def __init__(self, path: str, found: int, supported: int, message: str | None = None):
-        self.path = path
-        self.found = found
-        self.supported = supported
-        super().__init__(
-            message
-            or f"queue database {path!r} has schema version {found}, newer than version "
-            f"{supported}, the newest this slimta knows; upgrade slimta to open it"
-        )
 
 
 def _create_v1(conn: sqlite3.Connection) -> None:

@@ -16,7 +16,25 @@ from dataclasses import dataclass, field
 
 from slimta.envelope import Envelope
 
-__all__ = ["QueueEntry", "QueueStorage", "SharedQueueStorage", "StoredMessage"]
+__all__ = ["QueueEntry", "QueueStorage", "SharedQueueStorage", "StorageVersionError",
+           "StoredMessage"]
+
+
+class StorageVersionError(RuntimeError):
+    """A queue's storage was written by a newer slimta (or is not a slimta queue).
+
+    ``found`` is the version of the file, ``supported`` the newest this code knows.
+    """
+
+    def __init__(self, path: str, found: int, supported: int, message: str | None = None):
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            message
+            or f"queue storage {path!r} has schema version {found}, newer than version "
+            f"{supported}, the newest this slimta knows; upgrade slimta to open it"
+        )
 
 
 @dataclass
