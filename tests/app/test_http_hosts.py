@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -326,6 +327,12 @@ def test_host_to_host_over_http(tmp_path):
         assert b"a.example.test" in message.split(b"Received:")[1]
         assert b"with HTTP" in message.split(b"Received:")[1]
         assert b"Return-Path: <alice@a.example.test>" in message
+        b.send_signal(signal.SIGHUP)  # B reloads: its HTTP edge hands over its socket
+        time.sleep(0.5)
+        swaks(smtp, "after reload")
+        assert b"Subject: after reload" in maildir(tmp_path / "b", 2)[1] + \
+            maildir(tmp_path / "b", 2)[0]
+        assert b.poll() is None
     finally:
         stop(a)
         stop(b)

@@ -370,6 +370,12 @@ def test_curl_basic_auth_with_a_coroutine_and_a_lookup(http_edge):
     [env] = edge.queue.envelopes
     assert env.client["auth"] == "ann@example.com"
 
+    from slimta.lookup.credentials import LookupCredentials
+    edge = http_edge(auth=LookupCredentials(DictLookup({"bo": {"secret": "{PLAIN}x"}},
+                                                       "{username}"), "secret"))
+    assert curl(edge.url, "-u", "bo:y", headers=mail_headers())[0] == 401
+    assert curl(edge.url, "-u", "bo:x", headers=mail_headers())[0] == 200
+
 
 def test_curl_auth_refused_before_a_big_body_is_sent(http_edge):
     edge = http_edge(auth="token")

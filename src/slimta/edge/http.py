@@ -184,11 +184,13 @@ class _Basic:
     def __init__(self, spec: Any):
         self.spec = spec
         self._lookup = None
-        if not isinstance(spec, Mapping) and hasattr(spec, "lookup"):
+        if isinstance(spec, Mapping):
+            pass
+        elif hasattr(spec, "check"):
+            self._lookup = spec  # a LookupCredentials of the caller's
+        elif hasattr(spec, "lookup"):
             from slimta.lookup.credentials import LookupCredentials
             self._lookup = LookupCredentials(spec)
-        elif not isinstance(spec, Mapping) and hasattr(spec, "check"):
-            self._lookup = spec  # a LookupCredentials of the caller's
 
     async def check(self, user: str, password: str) -> bool:
         spec = self.spec
