@@ -505,3 +505,17 @@ async def test_start_binds_at_once_and_stop_is_graceful(recording_queue):
             resp = await pending
             assert resp.status == 200
     assert len(recording_queue.envelopes) == 1
+
+
+def test_data_timeout_answers_451_when_the_body_stalls(http_edge):
+    import socket
+
+    edge = http_edge(data_timeout=0.5)
+    head = "".join(f"{k}: {v}\r\n" for k, v in mail_headers().items())
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
+        s.sendall(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n{head}\r\n"
+                  "Subject: only part".encode())
+        answer = s.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 503")
+    assert 'X-Smtp-Reply: 451; message="4.4.2 Timed out reading the message"' in answer
+    assert edge.queue.envelopes == []

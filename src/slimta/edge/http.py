@@ -313,6 +313,7 @@ class HttpEdge(Edge):
         if timeout is not None:
             self.shutdown_timeout = timeout
             if self._runner is not None:
+                # aiohttp reads the runner's own copy when it shuts down; no public setter
                 self._runner._shutdown_timeout = timeout
         await self.stop()
 
