@@ -56,7 +56,7 @@ BROKEN: dict[str, tuple[dict[str, str], str]] = {
     "unknown relay type": (
         {"slimta.yaml": changed("type: blackhole", "type: smtp")},
         "slimta.yaml:19: relay.out.type: unknown relay type 'smtp' (expected one of: mx, "
-        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, custom)"),
+        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, http, custom)"),
     "bad retry expression": (
         {"slimta.yaml": changed("30*x", "__import__('os')")},
         "slimta.yaml:16: queue.inbound.retry.delay: invalid expression \"__import__('os')\": "
@@ -116,7 +116,7 @@ def test_every_problem_is_listed(tmp_path):
     assert out.stderr.splitlines()[1:] == [
         "slimta.yaml:5: edge.inbound.listener.port: expected an integer",
         "slimta.yaml:19: relay.out.type: unknown relay type 'nothing' (expected one of: mx, "
-        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, custom)",
+        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, http, custom)",
     ]
 
 

@@ -149,7 +149,7 @@ BROKEN = {
     "unknown relay type": (
         changed("type: blackhole", "type: smtp"),
         "slimta.yaml:19: relay.out.type: unknown relay type 'smtp' (expected one of: mx, "
-        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, custom)"),
+        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, http, custom)"),
     "retry delay that calls a function": (
         changed("30*x", "__import__('os')"),
         "slimta.yaml:16: queue.inbound.retry.delay: invalid expression \"__import__('os')\": "
@@ -241,7 +241,7 @@ def test_every_problem_is_reported_in_file_order(here):
     assert error_of(text).splitlines() == [
         "slimta.yaml:5: edge.inbound.listener.port: expected an integer",
         "slimta.yaml:19: relay.out.type: unknown relay type 'nothing' (expected one of: mx, "
-        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, custom)",
+        "static, lmtp, pipe, maildrop, dovecot, maildir, blackhole, http, custom)",
     ]
 
 

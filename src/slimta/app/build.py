@@ -321,6 +321,18 @@ class _Builder:
         if isinstance(spec, C.BlackholeRelayConfig):
             from slimta.relay.blackhole import BlackholeRelay
             return BlackholeRelay()
+        if isinstance(spec, C.HttpRelayConfig):
+            from slimta.relay.http import HttpRelay
+            headers = dict(spec.headers)
+            if spec.token is not None:
+                headers["Authorization"] = f"Bearer {spec.token}"
+            elif spec.credentials is not None:
+                import base64
+                pair = f"{spec.credentials.username}:{spec.credentials.password}"
+                headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+            return HttpRelay(spec.url, spec.pool_size, self.client_tls(spec.tls),
+                             spec.ehlo_as or self.hostname, spec.timeout, spec.idle_timeout,
+                             headers)
         if isinstance(spec, C.CustomRelayConfig):
             return load_factory(spec.factory, f"{path}.factory")(**spec.options)
         raise _fail(path, f"relay type {spec.type!r} is not wired into the daemon yet")
@@ -392,6 +404,25 @@ class _Builder:
         if isinstance(spec, C.CustomEdgeConfig):
             made = load_factory(spec.factory, f"{path}.factory")(queue=queue, **spec.options)
             return list(made) if isinstance(made, list | tuple) else [made]
+        if isinstance(spec, C.HttpEdgeConfig):
+            from slimta.edge.http import HttpEdge
+            auth: Any = None
+            if spec.auth is not None and spec.auth.token is not None:
+                auth = spec.auth.token
+            elif spec.auth is not None and spec.auth.users is not None:
+                auth = {user: record.password for user, record in spec.auth.users.items()}
+            elif spec.auth is not None:
+                ref, where = spec.auth.lookup_credentials, f"{path}.auth.lookup_credentials"
+                if isinstance(ref, str) and ref not in self.app.lookups:
+                    raise _fail(where, f"no lookup named {ref!r}")
+                auth = self.lookup(ref, where)
+            context = self.server_tls(spec.tls)
+            return [HttpEdge((listener.interface, listener.port), queue, uri_pattern=spec.uri,
+                             context=context, hostname=spec.hostname or self.hostname,
+                             max_size=spec.max_size, auth=auth,
+                             max_recipients=spec.max_recipients, data_timeout=spec.data_timeout,
+                             shutdown_timeout=spec.shutdown_timeout, backlog=spec.backlog)
+                    for listener in spec.listener]
         from slimta.edge.smtp import SmtpEdge
         hostname = spec.hostname or self.hostname
         lookup = {field: self.lookup(getattr(spec.rules, field), f"{path}.rules.{field}")

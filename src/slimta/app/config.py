@@ -73,6 +73,10 @@ __all__ = [
     "EdgeConfig",
     "EdgeRules",
     "ForwardPolicy",
+    "HttpEdgeAuth",
+    "HttpEdgeConfig",
+    "HttpRelayConfig",
+    "HttpUser",
     "Listener",
     "LmtpRelayConfig",
     "LookupConfig",
@@ -676,6 +680,62 @@ class SmtpEdgeConfig(_Model):
         return self
 
 
+def _regex(value: Any) -> Any:
+    if value is not None:
+        if not isinstance(value, str):
+            raise ConfigValueError("expected a regular expression")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigValueError(f"invalid regular expression: {exc}") from None
+    return value
+
+
+class HttpUser(_Model):
+    """One basic-auth user of an HTTP edge: ``{password}`` (``{SCHEME}`` hashes allowed)."""
+
+    password: str
+
+
+class HttpEdgeAuth(_Model):
+    """Who may post to an HTTP edge: give one of ``token`` (a bearer token), ``users``
+    (basic auth: ``{name: {password: ...}}``) or ``lookup_credentials`` (basic auth
+    against a lookup's records, looked up by ``{username}``, with a ``password`` field)."""
+
+    token: str | None = None
+    users: dict[str, HttpUser] | None = None
+    lookup_credentials: LookupRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HttpEdgeAuth:
+        given = [k for k in ("token", "users", "lookup_credentials")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigValueError("give exactly one of token, users and lookup_credentials")
+        return self
+
+
+class HttpEdgeConfig(_Model):
+    """An HTTP edge (``HttpEdge``): messages POSTed as in the original's ``type: http``.
+
+    ``uri`` is a regular expression matched at the start of the request path.
+    """
+
+    type: Literal["http"]
+    queue: str
+    listener: Annotated[list[Listener], BeforeValidator(_listeners)] = [
+        Listener(interface="127.0.0.1", port=8025)]
+    hostname: str | None = None
+    uri: Annotated[str | None, BeforeValidator(_regex)] = None
+    tls: ServerTls | None = None
+    max_size: int = Field(10 * 1024 * 1024, ge=0)
+    max_recipients: int | None = Field(1000, ge=1)
+    data_timeout: float = Field(600.0, gt=0)
+    shutdown_timeout: float = Field(30.0, ge=0)
+    backlog: int = Field(1024, ge=1)
+    auth: HttpEdgeAuth | None = None
+
+
 class CustomEdgeConfig(_Model):
     """``factory`` (``module:callable``) is called with ``options`` and the queue."""
 
@@ -686,7 +746,9 @@ class CustomEdgeConfig(_Model):
 
 
 EdgeConfig = Annotated[
-    Annotated[SmtpEdgeConfig, Tag("smtp")] | Annotated[CustomEdgeConfig, Tag("custom")],
+    Annotated[SmtpEdgeConfig, Tag("smtp")]
+    | Annotated[HttpEdgeConfig, Tag("http")]
+    | Annotated[CustomEdgeConfig, Tag("custom")],
     Discriminator(_type_of()),
 ]
 
@@ -902,6 +964,39 @@ class BlackholeRelayConfig(_Model):
     policies: Policies = []
 
 
+def _http_url(value: Any) -> Any:
+    if not isinstance(value, str) or not re.match(r"https?://[^/\s]+", value, re.I):
+        raise ConfigValueError("expected an http:// or https:// URL")
+    return value
+
+
+class HttpRelayConfig(_Model):
+    """Delivery by HTTP POST to another slimta's HTTP edge (``HttpRelay``).
+
+    ``token`` sends ``Authorization: Bearer``, ``credentials`` basic auth;
+    ``headers`` are added to every request.
+    """
+
+    type: Literal["http"]
+    url: Annotated[str, BeforeValidator(_http_url)]
+    pool_size: int | None = Field(None, ge=1, validation_alias=AliasChoices(
+        "pool_size", "concurrent_connections"))
+    tls: ClientTls | None = None
+    ehlo_as: str | None = None
+    timeout: float = Field(60.0, gt=0)
+    idle_timeout: float = Field(10.0, ge=0)
+    headers: dict[str, str] = {}
+    token: str | None = None
+    credentials: Credentials | None = None
+    policies: Policies = []
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> HttpRelayConfig:
+        if self.token is not None and self.credentials is not None:
+            raise ConfigValueError("give token or credentials, not both", "credentials")
+        return self
+
+
 class CustomRelayConfig(_Model):
     """``factory`` (``module:callable``) is called with ``options`` and returns the relay."""
 
@@ -920,6 +1015,7 @@ RelayConfig = Annotated[
     | Annotated[DovecotRelayConfig, Tag("dovecot")]
     | Annotated[MaildirRelayConfig, Tag("maildir")]
     | Annotated[BlackholeRelayConfig, Tag("blackhole")]
+    | Annotated[HttpRelayConfig, Tag("http")]
     | Annotated[CustomRelayConfig, Tag("custom")],
     Discriminator(_type_of()),
 ]
