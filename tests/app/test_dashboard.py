@@ -185,6 +185,14 @@ async def test_no_token_no_login():
             assert resp.status == 200
 
 
+async def test_overview_without_metrics(dash):
+    dash.server.metrics = None
+    [q] = (await dash.json("/dashboard/api/overview"))["queues"]
+    assert q["last_hour"] is None and q["messages"] == 3
+    _, page, _ = await dash.request("GET", "/dashboard/")
+    assert '<td data-field="delivered_1h">—</td>' in page
+
+
 async def test_dashboard_can_be_left_out():
     async with AdminServer(port=0, dashboard=False) as server, aiohttp.ClientSession() as s:
         assert server.dashboard is None
@@ -754,14 +762,27 @@ def test_browser_list_search_and_live(page, daemon):
     assert "1 message matching" in page.locator("#summary").inner_text()
     page.shot("list-search")
 
-    page.goto(page.base + "/dashboard/queues/q")
+    page.goto(page.base + "/dashboard/queues/q?per_page=4")
+    assert page.locator("#pager a").count() == 0  # 4 messages: one page
     page.evaluate("window.__still_here = 7")
     daemon.send("ivan@example.com", ["judy@example.org"], "live list")
-    page.wait_for_function("() => document.querySelectorAll('#messages tbody tr[data-id]')"
-                           ".length === 5")
+    # the fifth message (due last) makes a second page: the summary and pager follow
+    page.wait_for_function("() => document.getElementById('summary').textContent"
+                           ".startsWith('5 messages, page 1 of 2')")
     assert page.evaluate("window.__still_here") == 7
+    assert len(list_ids(page)) == 4
+    page.click('#pager a[rel="next"]')
+    page.wait_for_url("**/dashboard/queues/q?page=2&per_page=4")
+    assert "ivan@example.com" in page.locator("#messages").inner_text()
+
+    page.goto(page.base + "/dashboard/queues/q")
+    page.evaluate("window.__still_here = 8")
+    daemon.send("mallory@example.com", ["trent@example.org"], "live list 2")
+    page.wait_for_function("() => document.querySelectorAll('#messages tbody tr[data-id]')"
+                           ".length === 6")
+    assert page.evaluate("window.__still_here") == 8
     text = page.locator("#messages").inner_text()
-    assert "ivan@example.com" in text
+    assert "mallory@example.com" in text
     assert EVIL_SENDER in text  # rows rebuilt by the script: still text
     assert page.evaluate("window.__pwned") is None
     page.shot("list-live")

@@ -282,7 +282,7 @@ class Dashboard:
     async def overview_data(self) -> dict[str, Any]:
         """What the overview shows, per queue (also ``GET /dashboard/api/overview``)."""
         now = self.clock()
-        metrics = self.server.metrics
+        last_hour = getattr(self.server.metrics, "last_hour", None)
         out = []
         for name, queue in list(self.server.queues.items()):
             row: dict[str, Any] = {"name": name, "url": f"{PREFIX}/queues/{_q(name)}",
@@ -305,7 +305,7 @@ class Dashboard:
                 "recipients": sum(len(e.recipients) for e in entries),
                 "bytes": sum(e.size for e in entries),
                 "oldest": min(created) if created else None,
-                "last_hour": metrics.last_hour(name) if metrics is not None else None,
+                "last_hour": last_hour(name) if last_hour is not None else None,
             })
             out.append(row)
         return {"now": now, "queues": out}
@@ -469,7 +469,8 @@ process started.</p>
             parts.append(link(data["page"] - 1, "← Previous", "prev"))
         if data["page"] < data["pages"]:
             parts.append(link(data["page"] + 1, "Next →", "next"))
-        return f'<nav class="pager" id="pager">{" ".join(parts)}</nav>'
+        return (f'<nav class="pager" id="pager" data-base="{_e(base)}" '
+                f'data-default-per-page="{DEFAULT_PER_PAGE}">{" ".join(parts)}</nav>')
 
     @staticmethod
     def _list_row(e: dict[str, Any], now: float) -> str:
@@ -486,11 +487,13 @@ process started.</p>
         qid = request.match_info["id"]
         try:
             name, queue = self._queue(request)
-            stored = await queue.get(qid)
         except KeyError as exc:
-            text = exc.args[0] if self.server.queues.get(request.match_info["name"]) is None \
-                else f"no message {qid} in this queue (delivered, bounced or deleted?)"
-            return self._problem(404, text)
+            return self._problem(404, exc.args[0])
+        try:
+            stored = await queue.get(qid)
+        except KeyError:
+            return self._problem(404, f"no message {qid} in queue {name!r} (delivered, "
+                                      "bounced or deleted?)")
         now = self.clock()
         env = stored.envelope
         base = f"{PREFIX}/queues/{_q(name)}"

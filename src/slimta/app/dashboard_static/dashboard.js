@@ -136,6 +136,30 @@
     replaceRows(table, rows);
     var sum = document.getElementById("summary");
     if (sum) { sum.textContent = summary(data); }
+    renderPager(data);
+  }
+
+  // the same links as Dashboard._pager: previous and next page, keeping q and per_page
+  function renderPager(data) {
+    var pager = document.getElementById("pager");
+    if (!pager) { return; }
+    var base = pager.getAttribute("data-base");
+    var defaultPerPage = Number(pager.getAttribute("data-default-per-page"));
+    function link(page, text, rel) {
+      var params = new URLSearchParams();
+      if (data.q) { params.set("q", data.q); }
+      params.set("page", String(page));
+      if (data.per_page !== defaultPerPage) { params.set("per_page", String(data.per_page)); }
+      return el("a", {rel: rel, href: base + "?" + params.toString()}, [text]);
+    }
+    var links = [];
+    if (data.page > 1) { links.push(link(data.page - 1, "← Previous", "prev")); }
+    if (data.page < data.pages) { links.push(link(data.page + 1, "Next →", "next")); }
+    while (pager.firstChild) { pager.removeChild(pager.firstChild); }
+    links.forEach(function (a, i) {
+      if (i) { pager.appendChild(document.createTextNode(" ")); }
+      pager.appendChild(a);
+    });
   }
 
   var renderers = {overview: renderOverview, messages: renderMessages};
