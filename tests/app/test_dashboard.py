@@ -266,7 +266,7 @@ async def test_list_shows_every_column(dash):
     assert "3 messages, page 1 of 1" in page
     await dash.queue.hold(bob)
     _, page, _ = await dash.request("GET", "/dashboard/queues/outbound")
-    assert f'<tr data-id="{bob}" class=held>' in page
+    assert f'<tr data-id="{bob}" class="held">' in page
     assert page.count('<span class="badge held">held</span>') == 1
 
 

@@ -475,8 +475,9 @@ process started.</p>
     @staticmethod
     def _list_row(e: dict[str, Any], now: float) -> str:
         held = '<span class="badge held">held</span>' if e["held"] else ""
+        row_class = ' class="held"' if e["held"] else ""
         rcpts = "<br>".join(_e(r) for r in e["recipients"])
-        return (f'<tr data-id="{_e(e["id"])}"{" class=held" if e["held"] else ""}>'
+        return (f'<tr data-id="{_e(e["id"])}"{row_class}>'
                 f'<td class="id"><a href="{_e(e["url"])}">{_e(e["id"])}</a></td>'
                 f'<td>{_e(_sender(e["sender"]))}</td><td>{rcpts}</td>'
                 f'<td class="num">{e["attempts"]}</td>'
@@ -558,8 +559,7 @@ logged with its reply: search the log for <code>id={_e(qid)}</code>.</p>
         ask = f' data-confirm="{_e(confirm)}"' if confirm else ""
         return (f'<form class="action" method="post" action="{_e(url)}/{action}"{ask}>'
                 f'<input type="hidden" name="csrf" value="{self.csrf_token()}">'
-                f'<button type="submit" name="action" value="{action}" '
-                f'class="{action}">{label}</button></form>')
+                f'<button type="submit" class="{action}">{label}</button></form>')
 
     async def _raw(self, request: web.Request) -> web.Response:
         qid = request.match_info["id"]
