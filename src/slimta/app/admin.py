@@ -20,6 +20,8 @@ every request needs ``Authorization: Bearer <token>`` (else 401). Routes::
     POST   /queues/{name}/{id}/hold     keep it, attempt it no more
     POST   /queues/{name}/{id}/release  release a held message (attempted at once)
     DELETE /queues/{name}/{id}          remove it without delivering or bouncing it
+    GET    /, /dashboard/...            the web dashboard (slimta.app.dashboard), whose
+                                        pages also take the token as a Basic password
 
 An entry is ``{"id", "sender", "recipients" (not yet delivered), "attempts",
 "next_attempt" (Unix time), "last_reply", "held", "size", "created"}``. Actions
@@ -43,6 +45,7 @@ from typing import Any
 from aiohttp import web
 
 import slimta
+from slimta.app.dashboard import Dashboard
 from slimta.queue.record import envelope_to_record
 from slimta.service import Service
 from slimta.util.listeners import bind_listener
@@ -121,13 +124,15 @@ class AdminServer(Service):
     port in use); ``address`` is the bound (host, port). ``stop()`` lets
     requests in progress finish for up to ``shutdown_timeout`` seconds.
     Without a token on an address other than loopback, start() logs a
-    warning: anyone who reaches it can delete queued mail.
+    warning: anyone who reaches it can delete queued mail. ``dashboard``:
+    serve the web dashboard (:mod:`slimta.app.dashboard`) too, as
+    :attr:`dashboard`.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8025, token: str | None = None,
                  metrics: Any = None, queues: Mapping[str, Any] | None = None, *,
                  health_timeout: float = 5.0, shutdown_timeout: float = 5.0,
-                 access_log: bool = False):
+                 access_log: bool = False, dashboard: bool = True):
         self.host = host
         self.port = port
         self.token = token
@@ -139,6 +144,7 @@ class AdminServer(Service):
         self.started_at = time.time()
         self._sock = None
         self._runner: web.AppRunner | None = None
+        self.dashboard: Dashboard | None = Dashboard(self) if dashboard else None
 
     @property
     def address(self) -> tuple:
@@ -167,6 +173,8 @@ class AdminServer(Service):
             web.delete("/queues/{name}/{id}", self._delete),
             web.post("/queues/{name}/{id}/{action:retry|hold|release}", self._action),
         ])
+        if self.dashboard is not None:
+            app.add_routes(self.dashboard.routes())
         kwargs: dict[str, Any] = {} if self.access_log else {"access_log": None}
         self._runner = web.AppRunner(app, handle_signals=False,
                                      shutdown_timeout=self.shutdown_timeout, **kwargs)
@@ -205,7 +213,10 @@ class AdminServer(Service):
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         token = self.token
-        if token is not None:
+        if token is not None and self.dashboard is not None and self.dashboard.owns(
+                request.path):
+            self.dashboard.check_auth(request, token)  # Bearer, or Basic for browsers
+        elif token is not None:
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(

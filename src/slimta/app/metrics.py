@@ -12,6 +12,10 @@ only, so the edge, queue and relay code stays unaware of it:
 - :meth:`Metrics.instrument_queue`: bounces, and the queue size by state,
   read with ``await queue.stats()`` at scrape time (:meth:`Metrics.update`).
 
+Besides the Prometheus samples, :attr:`Metrics.recent` (a :class:`RecentCounts`)
+keeps the deliveries, deferrals, failures and bounces of the last hour per
+queue, for the web dashboard (:meth:`Metrics.last_hour`).
+
 Samples (prefix ``slimta_``)::
 
     slimta_connections_total                       admitted SMTP connections
@@ -29,6 +33,7 @@ Samples (prefix ``slimta_``)::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -52,7 +57,7 @@ try:
 except ImportError:  # older prometheus-client
     from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics", "RecentCounts"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,48 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 _RECEIVED_RESULTS = {"2": "accepted", "4": "tempfailed", "5": "rejected"}
 _QUEUE_STATES = ("queued", "held", "attempting")
 _MARK = "_slimta_metrics"  # set on each object instrumented, so it is wrapped once
+#: the queue (its name with instrument_queue) whose delivery attempt is running in this task
+_ATTEMPT_QUEUE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "slimta_metrics_queue", default=None)
+#: the events RecentCounts keeps, as Metrics.last_hour names them
+RECENT_EVENTS = ("delivered", "deferred", "failed", "bounced")
+
+
+class RecentCounts:
+    """Event counts over the last ``buckets`` x ``width`` seconds (default: an hour).
+
+    A ring of one-minute buckets: :meth:`add` is a dict update, and a bucket
+    older than the window is emptied when its slot comes round again, so
+    memory stays bounded by the number of distinct keys. ``clock()`` gives
+    the time in seconds (default :func:`time.time`).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, buckets: int = 60,
+                 width: float = 60.0):
+        self.clock = clock
+        self.width = width
+        self._slots: list[int] = [-1] * buckets  # the minute number each bucket holds
+        self._counts: list[dict[Any, int]] = [{} for _ in range(buckets)]
+
+    def add(self, key: Any, n: int = 1) -> None:
+        """Count ``n`` events of ``key`` now."""
+        slot = int(self.clock() // self.width)
+        i = slot % len(self._slots)
+        if self._slots[i] != slot:
+            self._slots[i] = slot
+            self._counts[i] = {}
+        counts = self._counts[i]
+        counts[key] = counts.get(key, 0) + n
+
+    def totals(self) -> dict[Any, int]:
+        """``{key: count}`` over the window that ends now."""
+        now = int(self.clock() // self.width)
+        out: dict[Any, int] = {}
+        for slot, counts in zip(self._slots, self._counts, strict=True):
+            if 0 <= now - slot < len(self._slots):
+                for key, n in counts.items():
+                    out[key] = out.get(key, 0) + n
+        return out
 
 
 def _reply_class(results) -> str:
@@ -94,6 +141,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.clock = clock
         self._queues: dict[str, Any] = {}
+        #: the last hour's events, keyed (queue name or None, event): see last_hour()
+        self.recent = RecentCounts(clock)
         reg, ns = self.registry, namespace
         self.connections = Counter("connections", "SMTP connections admitted",
                                    namespace=ns, registry=reg)
@@ -233,9 +282,11 @@ class Metrics:
                 counts["delivered"] += 1
                 if arrival is not None:
                     self.delivery_latency.observe(max(0.0, now - arrival))
+        queue = _ATTEMPT_QUEUE.get()
         for result, n in counts.items():
             if n:
                 self.delivery_attempts.labels(result).inc(n)
+                self.recent.add((queue, result), n)
 
     def instrument_queue(self, queue: Any, name: str = "default") -> None:
         """Report ``queue``'s size under ``name`` and count the bounces it builds.
@@ -243,21 +294,36 @@ class Metrics:
         The size is read from ``await queue.stats()`` by :meth:`update`.
         Registering another queue under the same name replaces the first (a
         reload). Bounces are counted by wrapping ``queue.bounce_factory``:
-        each failure DSN it returns counts once.
+        each failure DSN it returns counts once. The delivery attempts of a
+        :class:`~slimta.queue.Queue` (its ``_attempt``, wrapped on this
+        instance) are attributed to ``name`` in :meth:`last_hour`.
         """
         self._queues[name] = queue
         if not self._mark(queue, "queue"):
             return
+        attempt = getattr(queue, "_attempt", None)
+        if callable(attempt):
+
+            @functools.wraps(attempt)
+            async def named_attempt(*args, **kwargs):
+                token = _ATTEMPT_QUEUE.set(name)
+                try:
+                    return await attempt(*args, **kwargs)
+                finally:
+                    _ATTEMPT_QUEUE.reset(token)
+
+            queue._attempt = named_attempt
         factory = getattr(queue, "bounce_factory", None)
         if factory is None:
             return
-        bounces = self.bounces
+        bounces, recent = self.bounces, self.recent
 
         @functools.wraps(factory)
         def counted_factory(envelope, statuses, action: str = "failed"):
             dsn = factory(envelope, statuses, action)
             if dsn is not None and action == "failed":
                 bounces.inc()
+                recent.add((name, "bounced"))
             return dsn
 
         queue.bounce_factory = counted_factory
@@ -274,6 +340,16 @@ class Metrics:
         for gauge in (self.queue_recipients, self.queue_bytes):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
+
+    def last_hour(self, queue: str | None = None) -> dict[str, int]:
+        """Recipients ``delivered``, ``deferred`` and ``failed`` and DSNs ``bounced`` in the
+        last hour: those of the queue registered as ``queue``, or of every queue (and of
+        relays used without a registered queue) when ``queue`` is None."""
+        out = dict.fromkeys(RECENT_EVENTS, 0)
+        for (name, event), n in self.recent.totals().items():
+            if queue is None or name == queue:
+                out[event] = out.get(event, 0) + n
+        return out
 
     # --- scraping ------------------------------------------------------------------
     async def update(self) -> None:
