@@ -245,6 +245,14 @@ def test_every_problem_is_reported_in_file_order(here):
     ]
 
 
+def test_an_http_edge_names_a_missing_credentials_lookup(here):
+    text = ("edge:\n  web:\n    type: http\n    queue: q\n    auth:\n"
+            "      lookup_credentials: users\nqueue:\n  q: {type: memory}\n")
+    assert error_of(text) == (
+        "slimta.yaml:6: edge.web.auth.lookup_credentials: no lookup named 'users' "
+        "(none defined)")
+
+
 def test_error_keeps_its_problems(here):
     write(here / "slimta.yaml", changed("queue: inbound", "queue: other"))
     with pytest.raises(ConfigError) as info:

@@ -1103,6 +1103,10 @@ class Config(_Model):
                     ref = getattr(edge.rules, field)
                     if isinstance(ref, str):
                         check(ref, "lookup", "edge", name, "rules", field)
+            elif isinstance(edge, HttpEdgeConfig) and edge.auth is not None \
+                    and isinstance(edge.auth.lookup_credentials, str):
+                check(edge.auth.lookup_credentials, "lookup", "edge", name, "auth",
+                      "lookup_credentials")
         for name, queue in self.queue.items():
             check(queue.relay, "relay", "queue", name, "relay")
             check(getattr(queue, "bounce_queue", None), "queue", "queue", name, "bounce_queue")
