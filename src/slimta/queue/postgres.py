@@ -62,9 +62,11 @@ Notifications
 
 Group commit and durability
     ``write`` hands its row to one writer task, which sends *all* rows
-    waiting as one statement (a multi-row ``INSERT`` from arrays, with the
-    ``NOTIFY``) in one transaction: one round trip and one commit (one WAL
-    flush) per batch, so concurrent enqueues share the cost of the flush.
+    waiting as one statement (a multi-row ``INSERT`` with the ``NOTIFY``) on
+    a connection of its own, in one transaction: one round trip and one
+    commit (one WAL flush) per batch, so concurrent enqueues share the cost
+    of the flush. The batch travels as two parameters, whatever its size:
+    the rows as JSON and the messages concatenated in one ``bytea``.
     ``write`` returns only after that commit. With PostgreSQL's
     ``synchronous_commit = on`` (its default; checked at open, see the
     ``synchronous_commit`` argument) a commit is acknowledged only once its
@@ -293,6 +295,7 @@ class PostgresStorage(SharedQueueStorage):
         self._pending: list[_Pending] = []
         self._pending_event = asyncio.Event()
         self._writer: asyncio.Task | None = None
+        self._wconn: psycopg.AsyncConnection | None = None
         self._wake: Callable[[], None] | None = None
         self._listener: asyncio.Task | None = None
         self._sql = self._statements(sql.Identifier(schema))
@@ -304,12 +307,16 @@ class PostgresStorage(SharedQueueStorage):
         cols = "meta, data, attempts, delivered, timestamp, last_reply, held"
         due = "NOT held AND timestamp <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)"
         text = {
+            # the batch's rows as a JSON array of objects and their messages
+            # concatenated in one bytea: two parameters whatever the batch size
+            # (psycopg dumps arrays in Python; this costs far less per row)
             "insert": (
                 "WITH ins AS (INSERT INTO {s}.messages"
                 " (id, timestamp, created, size, recipients, meta, data)"
-                " SELECT id, ts, created, size, rcpts, meta, data FROM unnest("
-                "%b::text[], %b::float8[], %b::float8[], %b::int8[], %b::int4[], %b::text[],"
-                " %b::bytea[]) WITH ORDINALITY AS r(id, ts, created, size, rcpts, meta, data, n)"
+                " SELECT i, t, c, s, r, m, substring(%b::bytea FROM o + 1 FOR s)"
+                " FROM ROWS FROM (json_to_recordset(%b::json) AS"
+                " (i text, t float8, c float8, o int4, s int4, r int4, m text))"
+                " WITH ORDINALITY AS x(i, t, c, o, s, r, m, n)"
                 " ORDER BY n RETURNING 1)"
                 " SELECT pg_notify(%b, 'write') FROM (SELECT count(*) FROM ins) AS done"
             ),
@@ -413,7 +420,12 @@ class PostgresStorage(SharedQueueStorage):
             kwargs={"autocommit": True}, configure=self._configure,
             name=f"slimta-queue-{self.schema}", timeout=self.connect_timeout,
         )
-        await pool.open(wait=True, timeout=self.connect_timeout)
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+            self._wconn = await self._connect()
+        except BaseException:
+            await pool.close()
+            raise
         self._pool = pool
         self._pending = []
         self._pending_event = asyncio.Event()
@@ -437,6 +449,9 @@ class PostgresStorage(SharedQueueStorage):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
+        if self._wconn is not None:
+            await self._wconn.close()
+            self._wconn = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -540,15 +555,22 @@ class PostgresStorage(SharedQueueStorage):
             await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        rows = [row for row, _ in batch]
-        params = [list(column) for column in zip(*rows, strict=True)]
-        params.append(self.channel)
-        pool = self._pool
-        assert pool is not None
+        """Insert ``batch`` in one statement (one transaction) and hand every writer the outcome."""
+        rows, datas, offset = [], [], 0
+        for (id, ts, created, size, rcpts, meta, data), _ in batch:
+            rows.append({"i": id, "t": ts, "c": created, "o": offset, "s": size, "r": rcpts,
+                         "m": meta})
+            datas.append(data)
+            offset += size
+        params = (b"".join(datas), json.dumps(rows, separators=(",", ":")), self.channel)
         try:
-            async with pool.connection() as conn:
-                await conn.execute(self._sql["insert"], params)
+            conn = self._wconn
+            if conn is None or conn.closed:
+                self._wconn = conn = await self._connect()
+            await conn.execute(self._sql["insert"], params, prepare=True)
         except Exception as exc:
+            if self._wconn is not None and self._wconn.closed:
+                self._wconn = None  # connect again for the next batch
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
