@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import uuid
@@ -466,8 +467,17 @@ async def test_next_due(make_storage):
     await a.set_held(y, True)
     assert await a.next_due(0.0) == 100.0
     assert await a.claim(150.0, 10, 30.0) == [x]
-    assert await a.next_due(150.0) == 180.0  # when the lease runs out
+    # the lease runs until 180, and is expired only after that
+    after_lease = math.nextafter(180.0, math.inf)
+    assert await a.next_due(150.0) == after_lease
+    assert await a.next_due(180.0) == after_lease
+    assert await a.claim(180.0, 10, 30.0) == []
     assert await a.next_due(181.0) == 100.0  # expired: due since its next attempt
+    b = await make_storage(owner="b")
+    assert await b.claim(after_lease, 10, 30.0) == [x]  # a claim at next_due succeeds
+    await b.set_timestamp(x, 300.0)  # a leased message whose next attempt is later
+    assert await a.next_due(200.0) == 300.0
+    await b.release(x, 100.0)
     await a.set_held(y, False)
     assert await a.next_due(150.0) == 50.0
     await a.remove(y)

@@ -87,6 +87,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -374,12 +375,15 @@ class PostgresStorage(SharedQueueStorage):
                 " timestamp = coalesce(%s, timestamp) WHERE id = %s AND lease_owner = %s"
                 " RETURNING id) SELECT id, pg_notify(%s, 'release') FROM u"
             ),
+            # unleased (or expired) messages: their next attempt; leased ones:
+            # the end of the lease, or their next attempt if that comes later
             "next_due": (
-                "SELECT least("
-                "(SELECT timestamp FROM {s}.messages WHERE NOT held AND"
+                "SELECT (SELECT timestamp FROM {s}.messages WHERE NOT held AND"
                 " (lease_until IS NULL OR lease_until < %(now)s) ORDER BY timestamp, seq LIMIT 1),"
-                " (SELECT min(greatest(timestamp, lease_until)) FROM {s}.messages"
-                " WHERE NOT held AND lease_until >= %(now)s))"
+                " (SELECT min(lease_until) FROM {s}.messages"
+                " WHERE NOT held AND lease_until >= %(now)s AND timestamp <= lease_until),"
+                " (SELECT min(timestamp) FROM {s}.messages"
+                " WHERE NOT held AND lease_until >= %(now)s AND timestamp > lease_until)"
             ),
         }
         return {name: sql.SQL(q).format(s=s) for name, q in text.items()}
@@ -418,7 +422,7 @@ class PostgresStorage(SharedQueueStorage):
         pool = AsyncConnectionPool(
             self.dsn, min_size=1, max_size=self.pool_size, open=False,
             kwargs={"autocommit": True}, configure=self._configure,
-            name=f"slimta-queue-{self.schema}", timeout=self.connect_timeout,
+            name=f"slimta-queue-{self.schema}",
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
@@ -434,7 +438,7 @@ class PostgresStorage(SharedQueueStorage):
             self._writer_main(), name="slimta-postgres-writer")
         if self._wake is not None:
             try:
-                await self._start_listener()
+                await self._start_listener(fail_first=True)
             except BaseException:
                 await self.close()
                 raise
@@ -484,13 +488,19 @@ class PostgresStorage(SharedQueueStorage):
         """
         self._wake = wake
         if self._open and self._listener is None:
-            asyncio.get_running_loop().create_task(self._start_listener())
+            self._start_listener(fail_first=False)
 
-    async def _start_listener(self) -> None:
-        ready = asyncio.get_running_loop().create_future()
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen(ready), name="slimta-postgres-listener")
-        await ready
+    def _start_listener(self, fail_first: bool) -> asyncio.Future:
+        """Start the listener task; the future completes once it listens.
+
+        With ``fail_first``, a failure of the first connection ends the task
+        and is set on the future; otherwise the listener keeps trying.
+        """
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        self._listener = loop.create_task(self._listen(ready, fail_first),
+                                          name="slimta-postgres-listener")
+        return ready
 
     def _notify(self) -> None:
         wake = self._wake
@@ -501,7 +511,7 @@ class PostgresStorage(SharedQueueStorage):
         except Exception:
             log.exception("queue wake-up callback failed")
 
-    async def _listen(self, ready: asyncio.Future) -> None:
+    async def _listen(self, ready: asyncio.Future, fail_first: bool) -> None:
         """Listen on :attr:`channel` until cancelled; connect again when the connection is lost."""
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
         first = True
@@ -512,7 +522,8 @@ class PostgresStorage(SharedQueueStorage):
                     await conn.execute(listen)
                     if first:
                         first = False
-                        ready.set_result(None)
+                        if not ready.done():
+                            ready.set_result(None)
                     else:
                         log.info("listening for queue notifications again (schema %s)",
                                  self.schema)
@@ -525,7 +536,7 @@ class PostgresStorage(SharedQueueStorage):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if first:
+                if first and fail_first:
                     ready.set_exception(exc)
                     return
                 log.warning("queue notification listener lost its PostgreSQL connection (%s);"
@@ -713,5 +724,15 @@ class PostgresStorage(SharedQueueStorage):
                                       self.owner, self.channel))
 
     async def next_due(self, now: float) -> float | None:
-        """The earliest next attempt of an unleased message or lease expiry; None if none."""
-        return (await self._fetch("next_due", {"now": float(now)}))[0][0]
+        """When a claim could next succeed: the earliest next attempt or lease expiry.
+
+        A lease that runs until ``t`` has expired only after ``t`` (due means
+        ``lease_until < now``), so for a leased message this is the smallest
+        float above ``t`` (``math.nextafter``), and a claim at the time this
+        returns does succeed. None when nothing is queued that is not held.
+        """
+        free, lease_end, later = (await self._fetch("next_due", {"now": float(now)}))[0]
+        if lease_end is not None:
+            lease_end = math.nextafter(lease_end, math.inf)
+        times = [t for t in (free, lease_end, later) if t is not None]
+        return min(times) if times else None
