@@ -11,12 +11,18 @@ import asyncio
 import json
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
 
+import slimta
 from slimta.envelope import Envelope
 from slimta.queue.postgres import (
     MIGRATIONS,
@@ -770,3 +776,66 @@ async def test_synchronous_commit_setting(make_storage, caplog):
     async with default._pool.connection() as conn:
         cur = await conn.execute("SHOW synchronous_commit")
         assert (await cur.fetchone())[0] == "on"  # the server's default, durable
+
+
+# --- kill -9 of the writing process -----------------------------------------------------
+
+CHILD = r"""
+import asyncio, sys, time
+from slimta.envelope import Envelope
+from slimta.queue.postgres import PostgresStorage
+
+async def main(dsn, schema):
+    store = PostgresStorage(dsn, schema=schema)
+    await store.open()
+    out = sys.stdout
+
+    async def writer(n):
+        for i in range(1_000_000):
+            env = Envelope("a@example.com", [f"{n}.{i}@example.org"])
+            env.parse(b"Subject: %d.%d\r\n\r\n" % (n, i) + b"x" * 1000 + b"\r\n")
+            qid = await store.write(env, time.time())
+            out.write(f"{qid} {n}.{i}\n")
+            out.flush()
+
+    await asyncio.gather(*(writer(n) for n in range(20)))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_sigkill_loses_no_acknowledged_write(pg_dsn, schema, make_storage):
+    src = str(Path(slimta.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, pg_dsn, schema],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    acknowledged: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            qid, tag = line.decode().split()
+            acknowledged[qid] = tag
+            if len(acknowledged) >= 600 or time.monotonic() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        stderr = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
+    for line in rest.split(b"\n")[:-1]:
+        qid, tag = line.decode().split()
+        acknowledged[qid] = tag
+    assert len(acknowledged) >= 600
+    store = await make_storage()
+    stored_ids = {qid for _, qid in await store.load()}
+    missing = set(acknowledged) - stored_ids
+    assert not missing, f"{len(missing)} acknowledged messages lost"
+    for qid, tag in list(acknowledged.items())[::50]:
+        message = await store.get(qid)
+        assert message.envelope.recipients == [f"{tag}@example.org"]
+        assert message.envelope.headers["Subject"] == tag
