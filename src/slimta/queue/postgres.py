@@ -169,7 +169,9 @@ async def migrate(conn: psycopg.AsyncConnection, schema: str,
         # hosts opening the same schema at once: one migrates, the others wait
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                            (f"slimta.queue:{schema}",))
-        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        cur = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if await cur.fetchone() is None:  # a role without CREATE may use a schema made for it
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
         cur = await conn.execute("SELECT to_regclass(%s)",
                                  (f"{ident.as_string(conn)}.schema_version",))
         row = await cur.fetchone()
@@ -236,7 +238,8 @@ class PostgresStorage(SharedQueueStorage):
     (``schema``, default ``'slimta'``) and its tables are created or migrated
     at :meth:`open`. ``owner`` names this queue in its leases (default
     ``host:pid:random``); ``pool_size`` bounds the pool of connections for
-    reads and changes (the listener has one more of its own);
+    reads and changes (the writer of new messages and the listener have one
+    connection each besides);
     ``max_batch`` and ``max_batch_bytes`` bound how many new messages share
     one transaction; ``connect_timeout`` (seconds) bounds each connection
     attempt at open; ``reconnect_delay`` is the wait before the listener
