@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"PostgreSQL schema of the queue (default {DEFAULT_SCHEMA})")
     ap.add_argument("--pool-size", type=int, default=10,
                     help="PostgresStorage pool_size (default 10)")
+    ap.add_argument("--writers", type=int, default=None,
+                    help="PostgresStorage writers (default: the storage's default)")
     ap.add_argument("--drop", action="store_true",
                     help="--storage postgres: drop --schema and everything in it, and exit")
     ap.add_argument("--pin-backends", action="store_true",
@@ -268,8 +270,10 @@ async def make_storage(args: argparse.Namespace, db: str) -> tuple[Any, str]:
         from psycopg.conninfo import make_conninfo
 
         dsn = make_conninfo(dsn, application_name=f"slimta-queue-sink-{os.getpid()}")
-    storage = PostgresStorage(dsn, schema=args.schema, pool_size=args.pool_size)
-    return storage, f"PostgresStorage(schema={args.schema!r}), {pg_info(args.dsn)}"
+    extra = {} if args.writers is None else {"writers": args.writers}
+    storage = PostgresStorage(dsn, schema=args.schema, pool_size=args.pool_size, **extra)
+    return storage, (f"PostgresStorage(schema={args.schema!r}, writers={storage.writers}),"
+                     f" {pg_info(args.dsn)}")
 
 
 async def serve(args: argparse.Namespace, db: str, loop_name: str) -> None:

@@ -338,6 +338,26 @@ async def test_max_batch_bounds_a_transaction(make_storage):
     assert len(await sized.load()) == 26
 
 
+async def test_several_writers_commit_batches_at_once(make_storage):
+    store = await make_storage(writers=3)
+    assert len(store._wconns) == 3
+
+    async def writer(n: int) -> list[str]:
+        ids = []
+        for i in range(10):
+            ids.append(await store.write(make_envelope(), float(n * 100 + i)))
+            await asyncio.sleep(0.001 * (n % 3))  # arrivals spread out
+        return ids
+
+    ids = [qid for batch in await asyncio.gather(*(writer(n) for n in range(20)))
+           for qid in batch]
+    assert len(set(ids)) == 200 == store.operations
+    assert store.commits < 200
+    assert sorted(qid for _, qid in await store.load()) == sorted(ids)
+    [(xids,)] = sql(f'SELECT count(DISTINCT xmin::text) FROM "{store.schema}".messages')
+    assert xids == store.commits
+
+
 async def test_a_cancelled_write_may_still_be_stored_and_nothing_breaks(storage):
     task = asyncio.ensure_future(storage.write(make_envelope(), 1.0))
     await asyncio.sleep(0)
@@ -354,10 +374,10 @@ async def test_a_failed_batch_fails_every_write_in_it(storage):
     existing = await storage.write(make_envelope(), 1.0)
     orig = storage._run_batch
 
-    async def with_duplicate(batch):
+    async def with_duplicate(batch, slot):
         row, fut = batch[0]
         batch[0] = ((existing, *row[1:]), fut)
-        await orig(batch)
+        await orig(batch, slot)
 
     storage._run_batch = with_duplicate
     results = await asyncio.gather(*(storage.write(make_envelope(), 2.0) for _ in range(3)),

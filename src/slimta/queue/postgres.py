@@ -61,12 +61,16 @@ Notifications
     (and the callback is called once then, for whatever was missed).
 
 Group commit and durability
-    ``write`` hands its row to one writer task, which sends *all* rows
-    waiting as one statement (a multi-row ``INSERT`` with the ``NOTIFY``) on
-    a connection of its own, in one transaction: one round trip and one
-    commit (one WAL flush) per batch, so concurrent enqueues share the cost
-    of the flush. The batch travels as two parameters, whatever its size:
-    the rows as JSON and the messages concatenated in one ``bytea``.
+    ``write`` hands its row to the writer tasks; a free writer sends *all*
+    rows waiting as one statement (a multi-row ``INSERT`` with the
+    ``NOTIFY``) on a connection of its own, in one transaction: one round
+    trip and one commit (one WAL flush) per batch, so concurrent enqueues
+    share the cost of the flush. With ``writers=2`` or more, another batch
+    can be on its way while one waits for its flush (on the benchmark's
+    machine this made batches smaller and the rate no higher, so the
+    default is one writer). A batch
+    travels as two parameters, whatever its size: the rows as JSON and the
+    messages concatenated in one ``bytea``.
     ``write`` returns only after that commit. With PostgreSQL's
     ``synchronous_commit = on`` (its default; checked at open, see the
     ``synchronous_commit`` argument) a commit is acknowledged only once its
@@ -238,16 +242,17 @@ class PostgresStorage(SharedQueueStorage):
     (``schema``, default ``'slimta'``) and its tables are created or migrated
     at :meth:`open`. ``owner`` names this queue in its leases (default
     ``host:pid:random``); ``pool_size`` bounds the pool of connections for
-    reads and changes (the writer of new messages and the listener have one
-    connection each besides);
-    ``max_batch`` and ``max_batch_bytes`` bound how many new messages share
-    one transaction; ``connect_timeout`` (seconds) bounds each connection
-    attempt at open; ``reconnect_delay`` is the wait before the listener
-    connects again after losing its connection; ``clock`` gives the creation
-    time of messages. ``synchronous_commit``: ``None`` (the default) keeps
-    the server's setting and logs a warning at open if it is ``off``
-    (acknowledged messages could then be lost in a crash of the database);
-    a value (``'on'``, ``'remote_apply'``, ...) is set on every connection.
+    reads and changes (the writers of new messages and the listener have a
+    connection each besides); ``writers`` is how many batches of new
+    messages may be committing at once; ``max_batch`` and
+    ``max_batch_bytes`` bound how many new messages share one transaction;
+    ``connect_timeout`` (seconds) bounds each connection attempt at open;
+    ``reconnect_delay`` is the wait before the listener connects again after
+    losing its connection; ``clock`` gives the creation time of messages.
+    ``synchronous_commit``: ``None`` (the default) keeps the server's
+    setting and logs a warning at open if it is ``off`` (acknowledged
+    messages could then be lost in a crash of the database); a value
+    (``'on'``, ``'remote_apply'``, ...) is set on every connection.
 
     Ids are uuid4 hex. Operations on an id that is not stored raise
     :class:`KeyError`, except :meth:`remove` (False) and :meth:`release`
@@ -265,6 +270,7 @@ class PostgresStorage(SharedQueueStorage):
         schema: str = "slimta",
         owner: str | None = None,
         pool_size: int = 10,
+        writers: int = 1,
         max_batch: int = 1000,
         max_batch_bytes: int = 32 * 1024 * 1024,
         connect_timeout: float = 10.0,
@@ -274,14 +280,16 @@ class PostgresStorage(SharedQueueStorage):
     ) -> None:
         if not schema or len(schema.encode()) > 63 or "\x00" in schema:
             raise ValueError("schema must be a PostgreSQL name of 1 to 63 bytes")
-        if pool_size < 1 or max_batch < 1 or max_batch_bytes < 1:
-            raise ValueError("pool_size, max_batch and max_batch_bytes must be at least 1")
+        if min(pool_size, writers, max_batch, max_batch_bytes) < 1:
+            raise ValueError(
+                "pool_size, writers, max_batch and max_batch_bytes must be at least 1")
         self.dsn = dsn
         self.schema = schema
         #: The NOTIFY/LISTEN channel, derived from the schema name.
         self.channel = _channel(schema)
         self.owner = owner if owner is not None else _default_owner()
         self.pool_size = pool_size
+        self.writers = writers
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self.connect_timeout = connect_timeout
@@ -298,8 +306,8 @@ class PostgresStorage(SharedQueueStorage):
         self._open = False
         self._pending: list[_Pending] = []
         self._pending_event = asyncio.Event()
-        self._writer: asyncio.Task | None = None
-        self._wconn: psycopg.AsyncConnection | None = None
+        self._writers: list[asyncio.Task] = []
+        self._wconns: list[psycopg.AsyncConnection | None] = []
         self._wake: Callable[[], None] | None = None
         self._listener: asyncio.Task | None = None
         self._sql = self._statements(sql.Identifier(schema))
@@ -427,18 +435,25 @@ class PostgresStorage(SharedQueueStorage):
             kwargs={"autocommit": True}, configure=self._configure,
             name=f"slimta-queue-{self.schema}",
         )
+        wconns: list[psycopg.AsyncConnection | None] = []
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
-            self._wconn = await self._connect()
+            for _ in range(self.writers):
+                wconns.append(await self._connect())
         except BaseException:
+            for conn in wconns:
+                await conn.close()
             await pool.close()
             raise
         self._pool = pool
+        self._wconns = wconns
         self._pending = []
         self._pending_event = asyncio.Event()
         self._open = True
-        self._writer = asyncio.get_running_loop().create_task(
-            self._writer_main(), name="slimta-postgres-writer")
+        loop = asyncio.get_running_loop()
+        self._writers = [loop.create_task(self._writer_main(slot),
+                                          name=f"slimta-postgres-writer-{slot}")
+                         for slot in range(self.writers)]
         if self._wake is not None:
             try:
                 await self._start_listener(fail_first=True)
@@ -452,13 +467,14 @@ class PostgresStorage(SharedQueueStorage):
             return
         self._open = False
         self._pending_event.set()
-        if self._writer is not None:
+        for writer in self._writers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
-        if self._wconn is not None:
-            await self._wconn.close()
-            self._wconn = None
+                await writer
+        self._writers = []
+        for conn in self._wconns:
+            if conn is not None:
+                await conn.close()
+        self._wconns = []
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -548,8 +564,13 @@ class PostgresStorage(SharedQueueStorage):
 
     # --- the writer ---------------------------------------------------------------
 
-    async def _writer_main(self) -> None:
-        """Commit the pending writes, all that are waiting in one transaction, until closed."""
+    async def _writer_main(self, slot: int) -> None:
+        """Commit the pending writes, all that are waiting in one transaction, until closed.
+
+        ``slot`` is this writer's index into the writers' connections. With
+        several writers, one sends the next batch while another waits for its
+        commit (the server flushes their WAL together when it can).
+        """
         event = self._pending_event
         while True:
             if not self._pending:
@@ -566,9 +587,9 @@ class PostgresStorage(SharedQueueStorage):
                 n += 1
             batch = pending[:n]
             del pending[:n]
-            await self._run_batch(batch)
+            await self._run_batch(batch, slot)
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], slot: int) -> None:
         """Insert ``batch`` in one statement (one transaction) and hand every writer the outcome."""
         rows, datas, offset = [], [], 0
         for (id, ts, created, size, rcpts, meta, data), _ in batch:
@@ -578,13 +599,14 @@ class PostgresStorage(SharedQueueStorage):
             offset += size
         params = (b"".join(datas), json.dumps(rows, separators=(",", ":")), self.channel)
         try:
-            conn = self._wconn
+            conn = self._wconns[slot]
             if conn is None or conn.closed:
-                self._wconn = conn = await self._connect()
+                self._wconns[slot] = conn = await self._connect()
             await conn.execute(self._sql["insert"], params, prepare=True)
         except Exception as exc:
-            if self._wconn is not None and self._wconn.closed:
-                self._wconn = None  # connect again for the next batch
+            conn = self._wconns[slot]
+            if conn is not None and conn.closed:
+                self._wconns[slot] = None  # connect again for the next batch
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
