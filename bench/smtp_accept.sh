@@ -8,6 +8,8 @@
 #   SCENARIOS="s20_1k_keep" RUNS=5 bash bench/smtp_accept.sh
 #   SERVERS="aiosmtpd aiosmtpd+uvloop SmtpEdge+uvloop SmtpEdge+asyncio" bash bench/smtp_accept.sh
 #   SERVERS="postfix-hold SmtpEdge+sqlite" bash bench/smtp_accept.sh
+#   SERVERS="postfix-hold SmtpEdge+sqlite SmtpEdge+postgres" SCENARIOS=s20_1k_keep \
+#       bash bench/smtp_accept.sh
 #
 # Each server is measured by the shared harness ../shared/bench/smtp_accept.sh
 # (seen from the repository root): server pinned to CPU 1, smtp-source to
@@ -24,7 +26,13 @@
 #             every message fsynced into Postfix's queue and held),
 #             SmtpEdge+sqlite (bench/queue_sink.py: SmtpEdge + Queue without
 #             relay + SqliteStorage, synchronous=FULL; its default loop),
-#             SmtpEdge+sqlite+asyncio (the same with --no-uvloop)
+#             SmtpEdge+sqlite+asyncio (the same with --no-uvloop),
+#             SmtpEdge+postgres (bench/queue_sink.py --storage postgres:
+#             the same with PostgresStorage on PG_DSN, in schema PG_SCHEMA),
+#             SmtpEdge+postgres+asyncio (the same with --no-uvloop),
+#             SmtpEdge+postgres+pinned (SmtpEdge+postgres with
+#             --pin-backends: the server processes of the sink's connections
+#             pinned to SERVER_CPUS too; root, server on this host)
 #   SCENARIOS ["s20_1k_keep s20_100k_keep"]   (the harness also knows
 #             s20_1k_conn and s1_1k_keep)
 #   RUNS [3]   RESULTS_DIR [/tmp/slimta-bench]   KEEP_RESULTS [0]: 1 appends
@@ -44,6 +52,14 @@
 #             (untimed, like Postfix's reset) "queue_sink.py --reset"
 #             deletes every stored message and truncates the WAL (and
 #             makes the sink log its commit batch sizes for the run before)
+#   PG_DSN [postgresql://127.0.0.1:5432/test]  PG_SCHEMA [slimta_bench]:
+#             the SmtpEdge+postgres server and schema; the schema is dropped
+#             before and after the row, and before each timed run
+#             "queue_sink.py --storage postgres --reset" TRUNCATEs its
+#             messages table and CHECKPOINTs (untimed, as above). The server
+#             is used as it is configured (its synchronous_commit, printed in
+#             env.txt and the sink's log, decides durability) and is never
+#             restarted
 #   PF_ROOT [/tmp/pfbench]: the private Postfix instance (set up by
 #             postfix_instance.sh; needs root)
 #   SHARED_BENCH [../shared/bench]   CHECK_TARGETS [0]: 1 makes the exit
@@ -78,6 +94,8 @@ EDGE_PORT=${EDGE_PORT:-2510}
 PF_PORT=${PF_PORT:-2504}
 QUEUE_PORT=${QUEUE_PORT:-2511}
 QUEUE_DB=${QUEUE_DB:-$RESULTS_DIR/queue/queue.db}
+PG_DSN=${PG_DSN:-postgresql://127.0.0.1:5432/test}
+PG_SCHEMA=${PG_SCHEMA:-slimta_bench}
 PFI=$SHARED_BENCH/servers/postfix_instance.sh
 
 export N_S20_1K_KEEP=${N_S20_1K_KEEP:-20000} N_S20_1K_CONN=${N_S20_1K_CONN:-10000}
@@ -167,6 +185,11 @@ EOF
     done
     echo "postfix (smtp-source): $(postconf -d -h mail_version 2>/dev/null || echo '?')"
     echo "sqlite (for SmtpEdge+sqlite): $("$PYTHON" -c 'import sqlite3; print(sqlite3.sqlite_version)')"
+    case " $SERVERS " in
+        *" SmtpEdge+postgres"*)
+            echo "postgres (for SmtpEdge+postgres): $(env "$EDGE_ENV" "$PYTHON" \
+                "$HERE/queue_sink.py" --storage postgres --dsn "$PG_DSN" --info 2>&1)" ;;
+    esac
     echo "scenarios: $SCENARIOS; runs: $RUNS"
 } > "$RESULTS_DIR/env.txt"
 cat "$RESULTS_DIR/env.txt" >&2
@@ -200,6 +223,22 @@ queue_cmd() {  # $1 = extra sink option
 queue_reset_cmd() {  # $1 = log file (the harness discards the reset's output)
     printf 'env %q %q %q --reset --db %q --pidfile %q >> %q 2>&1' "$EDGE_ENV" "$PYTHON" \
         "$HERE/queue_sink.py" "$QUEUE_DB" "$QUEUE_DB.pid" "$1"
+}
+
+pg_sink_cmd() {  # $1 = extra sink option
+    printf 'exec env %q %q %q --storage postgres --dsn %q --schema %q --port %s --pidfile %q %s' \
+        "$EDGE_ENV" "$PYTHON" "$HERE/queue_sink.py" "$PG_DSN" "$PG_SCHEMA" "$QUEUE_PORT" \
+        "$PG_PIDFILE" "$1"
+}
+
+pg_reset_cmd() {  # $1 = log file
+    printf 'env %q %q %q --storage postgres --dsn %q --schema %q --reset --pidfile %q >> %q 2>&1' \
+        "$EDGE_ENV" "$PYTHON" "$HERE/queue_sink.py" "$PG_DSN" "$PG_SCHEMA" "$PG_PIDFILE" "$1"
+}
+
+pg_drop() {
+    env "$EDGE_ENV" "$PYTHON" "$HERE/queue_sink.py" --storage postgres --dsn "$PG_DSN" \
+        --schema "$PG_SCHEMA" --drop >&2
 }
 
 remove_queue_db() { rm -f "$QUEUE_DB" "$QUEUE_DB-wal" "$QUEUE_DB-shm" "$QUEUE_DB-journal"; }
@@ -241,6 +280,19 @@ for s in $SERVERS; do
             accept -n "$s" -r "$(queue_reset_cmd "$reset_log")" "$(queue_cmd "$opt")" "$QUEUE_PORT"
             rc=$?
             remove_queue_db
+            (exit "$rc") ;;
+        SmtpEdge+postgres|SmtpEdge+postgres+asyncio|SmtpEdge+postgres+pinned)
+            opt=
+            [ "$s" = SmtpEdge+postgres+asyncio ] && opt=--no-uvloop
+            [ "$s" = SmtpEdge+postgres+pinned ] && opt=--pin-backends
+            PG_PIDFILE=$RESULTS_DIR/queue/postgres-sink.pid
+            mkdir -p "$(dirname "$PG_PIDFILE")"
+            pg_drop || { say "cannot reach PostgreSQL at $PG_DSN"; failed=1; continue; }
+            reset_log=$RESULTS_DIR/$(printf '%s' "$s" | tr -c 'A-Za-z0-9._-' '_').reset.log
+            rm -f "$reset_log"
+            accept -n "$s" -r "$(pg_reset_cmd "$reset_log")" "$(pg_sink_cmd "$opt")" "$QUEUE_PORT"
+            rc=$?
+            pg_drop
             (exit "$rc") ;;
         *)
             say "unknown server $s"; failed=1; continue ;;
