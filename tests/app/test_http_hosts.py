@@ -165,11 +165,10 @@ def test_build_http_auth_forms(tmp_path):
                    + "lookup:\n  users: {type: config, key_template: '{username}', "
                      "map: {a: {password: b}}}\n")
     assert build(config).edges["web"][0]._basic._lookup is not None
-    config = parse(tmp_path, HTTP.replace("auth: {token: s3cret}",
-                                          "auth: {lookup_credentials: nope}"))
-    with pytest.raises(ConfigError) as info:
-        build(config)
-    assert "edge.web.auth.lookup_credentials: no lookup named 'nope'" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # refused with its line when the file is read
+        parse(tmp_path, HTTP.replace("auth: {token: s3cret}", "auth: {lookup_credentials: nope}"))
+    assert "slimta.yaml:9: edge.web.auth.lookup_credentials: no lookup named 'nope'" \
+        in str(info.value)
 
 
 def test_slimta_check_http_config(tmp_path):
