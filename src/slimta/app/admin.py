@@ -240,6 +240,7 @@ class AdminServer(Service):
             None if allowed_hosts is None else frozenset(_host_entry(h) for h in allowed_hosts))
         self.started_at = time.time()
         self._sock = None
+        self._loopback = True  # whether the bound address is loopback (set at bind)
         self._runner: web.AppRunner | None = None
         self.dashboard: Dashboard | None = Dashboard(self) if dashboard else None
 
@@ -252,7 +253,8 @@ class AdminServer(Service):
     def _prepare(self) -> None:
         if self._sock is None:
             self._sock = bind_listener((self.host, self.port))
-            if self.token is None and not _is_loopback(self.address[0]):
+            self._loopback = _is_loopback(self.address[0])
+            if self.token is None and not self._loopback:
                 log.warning("admin endpoint on %s without a token: anyone who can reach it "
                             "can read and delete queued mail", self.address[0])
 
@@ -312,7 +314,7 @@ class AdminServer(Service):
         """Whether a request naming ``host`` (its Host header) is for this endpoint."""
         if host is None:
             return True  # HTTP/1.0 without Host: a script, not a browser
-        if self.allowed_hosts is None and not _is_loopback(self.address[0]):
+        if self.allowed_hosts is None and not self._loopback:
             return True  # reachable from elsewhere: the token is the protection
         parsed = _split_host(host)
         if parsed is None:
