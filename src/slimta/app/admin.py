@@ -127,7 +127,7 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
         if ":" in port_text:
             return None  # a bare IPv6 address is not a Host
     name = name.rstrip(".")
-    if not name or any(c.isspace() or c in "/?#@" for c in name):
+    if not name or any(c.isspace() or c in "/?#@*" for c in name):
         return None
     port: int | None = None
     if port_text:
@@ -353,7 +353,7 @@ class AdminServer(Service):
             reason = f"the request comes from another origin (Origin: {origin!r})"
         elif ctype in _FORM_TYPES:
             reason = (f"{ctype} is a form's content type, which the JSON API refuses: "
-                      "send the request without a body")
+                      "send the request without a body (or as application/json)")
         if reason is not None:
             log.warning("admin: refused %s %s: %s", request.method, request.path, reason)
             raise web.HTTPForbidden(reason=f"cross-site request refused: {reason}")
