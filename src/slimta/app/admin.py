@@ -28,18 +28,35 @@ An entry is ``{"id", "sender", "recipients" (not yet delivered), "attempts",
 answer ``{"queue", "id", "action", "ok": true}`` (flush: ``{"queue", "action",
 "ok", "count"}``, the messages not held). The entry fields are those of
 :class:`~slimta.queue.storage.QueueEntry`, so ``QueueEntry(**entry)`` reads one.
-Errors are JSON ``{"error": text, "status": code}``: 401, 404 (unknown queue, id or route),
-405, 400 (a bad parameter), 500 (logged).
+Errors are JSON ``{"error": text, "status": code}``: 401, 403 (refused as cross-site, see
+below), 404 (unknown queue, id or route), 405, 400 (a bad parameter), 421 (a Host that is
+not allowed), 500 (logged).
+
+Browsers are kept from acting on the endpoint for another site, which matters most
+without a token (the default on loopback):
+
+- DNS rebinding: on a loopback address, a request whose ``Host`` is not a loopback
+  name (``localhost``, ``127.0.0.1``, ``[::1]``..., any port) or one of
+  ``allowed_hosts`` is answered 421, whatever its route (dashboard included). On
+  other addresses the token is the protection; ``allowed_hosts``, when given, is
+  checked there too. A request without ``Host`` (not a browser) is let through.
+- Cross-site requests: a request to the JSON API other than GET/HEAD/OPTIONS is
+  answered 403 when ``Sec-Fetch-Site`` is neither ``same-origin`` nor ``none``,
+  when it has an ``Origin`` that is not this endpoint's own (its ``Host``), or when
+  its Content-Type is one an HTML form can send (``application/x-www-form-urlencoded``,
+  ``multipart/form-data``, ``text/plain``). Scripts send no body (``slimta queue
+  --admin`` does so). The dashboard's forms have their own CSRF token and check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -79,6 +96,77 @@ def _is_loopback(host: str) -> bool:
         return False
     mapped = getattr(addr, "ipv4_mapped", None)
     return (mapped or addr).is_loopback
+
+
+#: Methods that change nothing, left to any site (a browser shows another site none of
+#: the answers: there is no CORS).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: What an HTML form (or a fetch without a CORS preflight) can send as Content-Type.
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data",
+                         "text/plain"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """A ``Host`` header (``name``, ``name:port``, ``[v6]:port``) as (name, port):
+    the name lowercased without a final dot, an IP address in its canonical form;
+    None if it is not one."""
+    value = value.strip().lower()
+    port_text = ""
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(name.split("%", 1)[0])
+        except ValueError:
+            return None
+    else:
+        name, _, port_text = value.partition(":")
+        if ":" in port_text:
+            return None  # a bare IPv6 address is not a Host
+    name = name.rstrip(".")
+    if not name or any(c.isspace() or c in "/?#@*" for c in name):
+        return None
+    port: int | None = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return None
+        port = int(port_text)
+    with contextlib.suppress(ValueError):
+        name = str(ipaddress.ip_address(name))
+    return name, port
+
+
+def _is_loopback_name(name: str) -> bool:
+    return name == "localhost" or _is_loopback(name)
+
+
+def _host_entry(entry: str) -> str:
+    """One ``allowed_hosts`` entry as :func:`_split_host` names it (a port is ignored)."""
+    try:
+        return str(ipaddress.ip_address(entry.strip().strip("[]")))
+    except ValueError:
+        pass
+    parsed = _split_host(entry)
+    if parsed is None:
+        raise ValueError(f"allowed_hosts: {entry!r} is not a host name or address")
+    return parsed[0]
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether ``origin`` (an Origin header) names the server ``host`` (its Host header):
+    same name and port. A Host without a port matches the default port of the
+    origin's scheme (a TLS proxy in front of the endpoint passes ``Host: name``)."""
+    scheme, sep, rest = origin.strip().lower().partition("://")
+    default = _DEFAULT_PORTS.get(scheme)
+    if not sep or default is None or "/" in rest:
+        return False  # "null" (a sandbox, a file, a redirect), or not an origin
+    theirs, ours = _split_host(rest), _split_host(host)
+    if theirs is None or ours is None:
+        return False
+    return theirs[0] == ours[0] and (theirs[1] or default) == (ours[1] or default)
 
 
 def _header(envelope: Any, name: str) -> str | None:
@@ -126,13 +214,20 @@ class AdminServer(Service):
     Without a token on an address other than loopback, start() logs a
     warning: anyone who reaches it can delete queued mail. ``dashboard``:
     serve the web dashboard (:mod:`slimta.app.dashboard`) too, as
-    :attr:`dashboard`.
+    :attr:`dashboard`. ``allowed_hosts``: host names (or addresses) that
+    requests may name in ``Host`` besides the loopback ones, e.g. the name
+    a reverse proxy passes on; on a loopback address only loopback names
+    are allowed without it, elsewhere any (the token protects), see the
+    module's notes on DNS rebinding.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8025, token: str | None = None,
                  metrics: Any = None, queues: Mapping[str, Any] | None = None, *,
                  health_timeout: float = 5.0, shutdown_timeout: float = 5.0,
-                 access_log: bool = False, dashboard: bool = True):
+                 access_log: bool = False, dashboard: bool = True,
+                 allowed_hosts: Iterable[str] | None = None):
+        if isinstance(allowed_hosts, str):
+            raise TypeError("allowed_hosts is a list of host names, not one string")
         self.host = host
         self.port = port
         self.token = token
@@ -141,8 +236,11 @@ class AdminServer(Service):
         self.health_timeout = health_timeout
         self.shutdown_timeout = shutdown_timeout
         self.access_log = access_log
+        self.allowed_hosts: frozenset[str] | None = (
+            None if allowed_hosts is None else frozenset(_host_entry(h) for h in allowed_hosts))
         self.started_at = time.time()
         self._sock = None
+        self._loopback = True  # whether the bound address is loopback (set at bind)
         self._runner: web.AppRunner | None = None
         self.dashboard: Dashboard | None = Dashboard(self) if dashboard else None
 
@@ -155,12 +253,14 @@ class AdminServer(Service):
     def _prepare(self) -> None:
         if self._sock is None:
             self._sock = bind_listener((self.host, self.port))
-            if self.token is None and not _is_loopback(self.address[0]):
+            self._loopback = _is_loopback(self.address[0])
+            if self.token is None and not self._loopback:
                 log.warning("admin endpoint on %s without a token: anyone who can reach it "
                             "can read and delete queued mail", self.address[0])
 
     async def _begin(self) -> None:
-        app = web.Application(middlewares=[self._errors, self._auth])
+        app = web.Application(middlewares=[self._errors, self._host_check, self._cross_site,
+                                           self._auth])
         app.add_routes([
             web.get("/metrics", self._metrics),
             web.get("/healthz", self._healthz),
@@ -209,6 +309,55 @@ class AdminServer(Service):
         except Exception:
             log.exception("admin: %s %s failed", request.method, request.path)
             return _error(500, "Internal Server Error")
+
+    def _host_allowed(self, host: str | None) -> bool:
+        """Whether a request naming ``host`` (its Host header) is for this endpoint."""
+        if host is None:
+            return True  # HTTP/1.0 without Host: a script, not a browser
+        if self.allowed_hosts is None and not self._loopback:
+            return True  # reachable from elsewhere: the token is the protection
+        parsed = _split_host(host)
+        if parsed is None:
+            return False
+        return _is_loopback_name(parsed[0]) or parsed[0] in (self.allowed_hosts or ())
+
+    @web.middleware
+    async def _host_check(self, request: web.Request, handler) -> web.StreamResponse:
+        """Refuse a Host that is not ours: a page of another site whose name was made to
+        resolve to this address (DNS rebinding) would otherwise be same-origin with us."""
+        host = request.headers.get("Host")
+        if not self._host_allowed(host):
+            log.warning("admin: refused %s %s for Host %r (not a loopback name nor in "
+                        "allowed_hosts)", request.method, request.path, host)
+            raise web.HTTPMisdirectedRequest(
+                reason=f"Host {host!r} is not allowed here: use http://127.0.0.1:PORT/ or "
+                       "http://localhost:PORT/, or add the name to allowed_hosts")
+        return await handler(request)
+
+    @web.middleware
+    async def _cross_site(self, request: web.Request, handler) -> web.StreamResponse:
+        """Refuse a change to the queues (JSON API) that a browser makes for another site.
+
+        The dashboard's forms are left to the dashboard (their CSRF token)."""
+        if request.method in _SAFE_METHODS or (
+                self.dashboard is not None and self.dashboard.owns(request.path)):
+            return await handler(request)
+        reason = None
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        ctype = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if fetch_site is not None and fetch_site.strip().lower() not in ("same-origin", "none"):
+            reason = ("the browser says this request comes from another site "
+                      f"(Sec-Fetch-Site: {fetch_site!r})")
+        elif origin is not None and not _same_origin(origin, request.headers.get("Host", "")):
+            reason = f"the request comes from another origin (Origin: {origin!r})"
+        elif ctype in _FORM_TYPES:
+            reason = (f"{ctype} is a form's content type, which the JSON API refuses: "
+                      "send the request without a body (or as application/json)")
+        if reason is not None:
+            log.warning("admin: refused %s %s: %s", request.method, request.path, reason)
+            raise web.HTTPForbidden(reason=f"cross-site request refused: {reason}")
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
