@@ -337,3 +337,20 @@ async def test_reject_spam_asks_spamd_at_end_of_data():
         await app.stop()
         spamd.close()
         await spamd.wait_closed()
+
+
+def test_admin_allowed_hosts_and_shared_queue_types(pg_schema, redis_prefix):
+    config = parse_config({
+        "process": {"slimta": {"admin": {"allowed_hosts": ["mail.example.com"]}}},
+        "queue": {
+            "pg": {"type": "postgres", "dsn": "postgresql://127.0.0.1/test",
+                   "schema": pg_schema, "lease": 60, "owner": "mx1"},
+            "rd": {"type": "redis", "host": "127.0.0.1", "prefix": redis_prefix, "db": 0},
+        },
+    })
+    app = build(config)
+    assert app.admin.allowed_hosts == frozenset({"mail.example.com"})
+    pg, rd = app.queues["pg"], app.queues["rd"]
+    assert pg.shared and pg.lease == 60 and pg.store.owner == "mx1"
+    assert type(pg.store).__name__ == "PostgresStorage"
+    assert rd.shared and type(rd.store).__name__ == "RedisStorage"

@@ -496,7 +496,7 @@ class _Builder:
         queues = {n: q for n, q in app.queues.items() if hasattr(q, "stats")}
         app.metrics = metrics
         app.admin = AdminServer(admin.listener.interface or "127.0.0.1", admin.listener.port,
-                                admin.token, metrics, queues)
+                                admin.token, metrics, queues, allowed_hosts=admin.allowed_hosts)
 
 
 def _expression_backoff(delay: C.RetryExpression, lifetime: float | None) -> Callable:

@@ -1028,6 +1028,7 @@ class AdminConfig(_Model):
 
     listener: Listener = Listener(interface="127.0.0.1", port=8025)
     token: str | None = None
+    allowed_hosts: list[str] | None = None
 
 
 class ProcessConfig(_Model):

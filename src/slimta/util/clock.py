@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import math
@@ -20,10 +19,15 @@ class SystemClock:
 
     async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
         """Return when ``event`` is set or ``timeout`` seconds have passed."""
-        if timeout is not None and timeout <= 0:
+        if (timeout is not None and timeout <= 0) or event.is_set():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        # not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that
+        # arrives as the event is set, and a cancelled scheduler would run on
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            waiter.cancel()
 
 
 class ManualClock:
