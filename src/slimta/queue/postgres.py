@@ -402,7 +402,7 @@ class PostgresStorage(SharedQueueStorage):
     # --- life cycle ---------------------------------------------------------------
 
     async def _connect(self) -> psycopg.AsyncConnection:
-        """A new autocommit connection outside the pool (migration, listener)."""
+        """A new autocommit connection outside the pool (migration, writers, listener)."""
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout)))
         if self.synchronous_commit is not None:
