@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import signal
 import socket
@@ -428,13 +427,12 @@ async def test_lease_expires_and_another_owner_takes_over(make_storage):
     qid = await a.write(make_envelope(), t - 5)
     assert await a.claim(t, 10, lease) == [qid]
     assert await b.claim(t + lease - 1, 10, lease) == []
-    assert await b.claim(t + lease, 10, lease) == []  # due only once lease_until < now
-    assert await b.claim(t + lease + 1, 10, lease) == [qid]
+    assert await b.claim(t + lease, 10, lease) == [qid]  # a lease is over at its expiry
     # a lost it: its renewal no longer holds it, its release does nothing
-    assert await a.renew([qid], t + lease + 2, lease) == []
+    assert await a.renew([qid], t + lease + 1, lease) == []
     await a.release(qid)
-    assert await a.claim(t + lease + 2, 10, lease) == []
-    assert await b.renew([qid], t + lease + 2, lease) == [qid]
+    assert await a.claim(t + lease + 1, 10, lease) == []
+    assert await b.renew([qid], t + lease + 1, lease) == [qid]
 
 
 async def test_renew_extends_only_this_owners_leases(make_storage):
@@ -493,14 +491,11 @@ async def test_next_due(make_storage):
     await a.set_held(y, True)
     assert await a.next_due(0.0) == 100.0
     assert await a.claim(150.0, 10, 30.0) == [x]
-    # the lease runs until 180, and is expired only after that
-    after_lease = math.nextafter(180.0, math.inf)
-    assert await a.next_due(150.0) == after_lease
-    assert await a.next_due(180.0) == after_lease
-    assert await a.claim(180.0, 10, 30.0) == []
-    assert await a.next_due(181.0) == 100.0  # expired: due since its next attempt
+    # the lease runs until 180, and is over then
+    assert await a.next_due(150.0) == 180.0
+    assert await a.next_due(180.0) == 100.0  # over: due since its next attempt
     b = await make_storage(owner="b")
-    assert await b.claim(after_lease, 10, 30.0) == [x]  # a claim at next_due succeeds
+    assert await b.claim(180.0, 10, 30.0) == [x]  # a claim at next_due succeeds
     await b.set_timestamp(x, 300.0)  # a leased message whose next attempt is later
     assert await a.next_due(200.0) == 300.0
     await b.release(x, 100.0)
@@ -690,7 +685,7 @@ async def test_schema_tables_and_indexes(storage):
         conn.execute("SET enable_seqscan = off")
         plan = " ".join(r[0] for r in conn.execute(
             f'EXPLAIN SELECT id FROM "{s}".messages WHERE NOT held AND timestamp <= 10'
-            " AND (lease_until IS NULL OR lease_until < 10) ORDER BY timestamp, seq LIMIT 5"
+            " AND (lease_until IS NULL OR lease_until <= 10) ORDER BY timestamp, seq LIMIT 5"
             " FOR UPDATE SKIP LOCKED"))
     assert "messages_due" in plan
 

@@ -38,7 +38,8 @@ Leases
     never wait for each other and never get the same message. A claimed row
     carries ``lease_owner`` (:attr:`PostgresStorage.owner`) and
     ``lease_until``. Due means: not held, ``timestamp <= now`` and no lease
-    or ``lease_until < now``. ``record_attempt`` and ``remove`` end the lease
+    or ``lease_until <= now`` (a lease is over at its expiry).
+    ``record_attempt`` and ``remove`` end the lease
     of whoever holds it; ``release`` and ``renew`` act only on this owner's
     leases. A host that dies leaves leases that expire, and another host
     claims those messages then: delivery is at least once.
@@ -91,7 +92,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import socket
@@ -317,7 +317,8 @@ class PostgresStorage(SharedQueueStorage):
     @staticmethod
     def _statements(s: sql.Identifier) -> dict[str, sql.Composed]:
         cols = "meta, data, attempts, delivered, timestamp, last_reply, held"
-        due = "NOT held AND timestamp <= %(now)s AND (lease_until IS NULL OR lease_until < %(now)s)"
+        due = ("NOT held AND timestamp <= %(now)s"
+               " AND (lease_until IS NULL OR lease_until <= %(now)s)")
         text = {
             # the batch's rows as a JSON array of objects and their messages
             # concatenated in one bytea: two parameters whatever the batch size
@@ -390,11 +391,11 @@ class PostgresStorage(SharedQueueStorage):
             # the end of the lease, or their next attempt if that comes later
             "next_due": (
                 "SELECT (SELECT timestamp FROM {s}.messages WHERE NOT held AND"
-                " (lease_until IS NULL OR lease_until < %(now)s) ORDER BY timestamp, seq LIMIT 1),"
+                " (lease_until IS NULL OR lease_until <= %(now)s) ORDER BY timestamp, seq LIMIT 1),"
                 " (SELECT min(lease_until) FROM {s}.messages"
-                " WHERE NOT held AND lease_until >= %(now)s AND timestamp <= lease_until),"
+                " WHERE NOT held AND lease_until > %(now)s AND timestamp <= lease_until),"
                 " (SELECT min(timestamp) FROM {s}.messages"
-                " WHERE NOT held AND lease_until >= %(now)s AND timestamp > lease_until)"
+                " WHERE NOT held AND lease_until > %(now)s AND timestamp > lease_until)"
             ),
         }
         return {name: sql.SQL(q).format(s=s) for name, q in text.items()}
@@ -751,13 +752,9 @@ class PostgresStorage(SharedQueueStorage):
     async def next_due(self, now: float) -> float | None:
         """When a claim could next succeed: the earliest next attempt or lease expiry.
 
-        A lease that runs until ``t`` has expired only after ``t`` (due means
-        ``lease_until < now``), so for a leased message this is the smallest
-        float above ``t`` (``math.nextafter``), and a claim at the time this
-        returns does succeed. None when nothing is queued that is not held.
+        A lease is over at its expiry, so a claim at the time this returns
+        succeeds. None when nothing is queued that is not held.
         """
         free, lease_end, later = (await self._fetch("next_due", {"now": float(now)}))[0]
-        if lease_end is not None:
-            lease_end = math.nextafter(lease_end, math.inf)
         times = [t for t in (free, lease_end, later) if t is not None]
         return min(times) if times else None
