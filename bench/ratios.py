@@ -7,7 +7,8 @@ For each baseline, each scenario and each other server: the median msgs/s of
 its successful runs (rc 0) divided by the baseline's median in the same
 file. The targets depend on the pair (subject, baseline), see ``COMPARISONS``:
 
-- ``SmtpEdge*`` rows (the edge alone, messages dropped) against ``aiosmtpd``;
+- ``SmtpEdge*`` rows (the edge alone, messages dropped) against ``aiosmtpd``
+  (not the ``+sqlite``/``+postgres`` rows, which store every message);
 - ``SmtpEdge+sqlite*`` rows (the edge storing every message durably in
   SqliteStorage) against ``postfix-hold`` (Postfix queueing on hold).
 
@@ -40,7 +41,7 @@ class Comparison:
 
 COMPARISONS = (
     # The edge alone (bench/slimta_sink.py) against aiosmtpd.
-    Comparison("aiosmtpd", r"SmtpEdge(?!\+sqlite).*", "SmtpEdge*",
+    Comparison("aiosmtpd", r"SmtpEdge(?!\+(?:sqlite|postgres)).*", "SmtpEdge*",
                {"s20_1k_keep": 2.5, "s20_100k_keep": 8.0}),
     # Edge + Queue + SqliteStorage, fsync on (bench/queue_sink.py), against
     # Postfix with its queue on hold (one fsync per message).
