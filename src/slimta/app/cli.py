@@ -243,7 +243,7 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
         log.warning("%s: a queue file of another number of workers (process.slimta.workers): "
                     "its mail waits until such a process runs", orphan)
     if count > 1:
-        _supervise(config, count, proc, again, no_edge)
+        _supervise(config, count, proc, again, no_edge, fixed_count=workers is not None)
         return
     try:
         asyncio.run(_run(app, proc, again, no_edge, no_relay))
@@ -251,7 +251,8 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
         proc.close()
 
 
-def _supervise(config, count: int, proc: Process, again, no_edge: bool) -> None:
+def _supervise(config, count: int, proc: Process, again, no_edge: bool,
+               fixed_count: bool) -> None:
     """``serve`` with ``count`` workers: bind, pid file and user, then run the supervisor."""
     from slimta.app import workers as W
     from slimta.app.build import data_dir_of
@@ -286,7 +287,8 @@ def _supervise(config, count: int, proc: Process, again, no_edge: bool) -> None:
         click.echo(f"slimta: data in {data_dir_of(config)} (SIGTERM or Ctrl-C stops)")
         sys.stdout.flush()
         supervisor = W.Supervisor(count, W.worker_command(), sockets, again, no_edge=no_edge,
-                                  shutdown_timeout=settings.shutdown_timeout)
+                                  shutdown_timeout=settings.shutdown_timeout,
+                                  fixed_count=fixed_count)
         code = asyncio.run(supervisor.run())
     finally:
         proc.close()

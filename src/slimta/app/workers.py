@@ -46,7 +46,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -245,27 +244,24 @@ def bind_listeners(wanted: dict[Address, int], have: dict[Address, socket.socket
 def orphan_queue_files(config: Any, count: int) -> list[str]:
     """SQLite queue files that no process of ``count`` workers opens (e.g. after ``N`` shrank).
 
-    With 1 worker: ``<stem>.<i><suffix>`` files; with more: the plain file and
+    With 1 worker: every ``<stem>.<i><suffix>``; with more: the plain file and
     those of workers above ``count``. Their mail waits until a process of the
     matching shape runs again (``slimta queue --db`` still reads them).
     """
     from slimta.app.build import data_dir_of
     from slimta.app.config import SqliteQueueConfig
+    from slimta.app.queuecli import worker_queue_files
 
     data_dir = data_dir_of(config)
     found: list[str] = []
     for name, spec in config.queue.items():
         if not isinstance(spec, SqliteQueueConfig):
             continue
-        base = Path(data_dir, os.path.expanduser(spec.path or f"{name}.db"))
-        if count > 1 and base.exists():
-            found.append(str(base))
-        pattern = re.compile(re.escape(base.stem) + r"\.(\d+)" + re.escape(base.suffix) + "$")
-        if base.parent.is_dir():
-            for entry in sorted(base.parent.iterdir()):
-                match = pattern.match(entry.name)
-                if match and (count == 1 or not 1 <= int(match.group(1)) <= count):
-                    found.append(str(entry))
+        base = os.path.join(data_dir, os.path.expanduser(spec.path or f"{name}.db"))
+        if count > 1 and os.path.exists(base):
+            found.append(base)
+        owned = {per_worker_path(base, i) for i in range(1, count + 1)} if count > 1 else set()
+        found += [f for f in worker_queue_files(base) if f not in owned]
     return found
 
 
@@ -286,13 +282,15 @@ class _Worker:
     restart: asyncio.TimerHandle | None = None
     stopping: bool = False
     failures: int = 0  # ends in a row within MIN_UPTIME of starting
+    reload: bool = False  # a SIGHUP for when it is ready (before, it would kill it)
 
 
 class Supervisor:
     """Runs ``count`` workers (``command``) over ``sockets`` and keeps them running.
 
     ``load()`` re-reads the config at SIGHUP (raising on an invalid one);
-    ``no_edge`` is the ``--no-edge`` of the command line. :meth:`run` returns
+    ``no_edge`` is the ``--no-edge`` of the command line; ``fixed_count``: the
+    count came from ``--workers``, not from the config. :meth:`run` returns
     the exit status: 0 after a stop by signal, 1 when a worker could not
     start the first time.
 
@@ -303,8 +301,9 @@ class Supervisor:
 
     def __init__(self, count: int, command: list[str], sockets: dict[Address, socket.socket],
                  load: Callable[[], Any], *, no_edge: bool = False,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = 30.0, fixed_count: bool = False) -> None:
         self.count = count
+        self.fixed_count = fixed_count
         self.command = command
         self.sockets = dict(sockets)
         self.load = load
@@ -445,6 +444,9 @@ class Supervisor:
                 ready.set_result(bool(data))
             if data:
                 log.info("worker %d (pid %d) ready", worker.number, proc.pid)
+                if worker.reload:
+                    worker.reload = False
+                    self._signal(worker, signal.SIGHUP)
 
         loop.add_reader(ready_r, readable)
         worker.waiter = loop.create_task(self._watch(worker, proc))
@@ -512,13 +514,16 @@ class Supervisor:
             log.error("reload failed, the workers keep the old config: %s", exc)
             return
         workers = config.process_settings().workers
-        if workers != self.count:
+        if not self.fixed_count and workers != self.count:
             log.warning("process.slimta.workers is now %d: the number of workers changes "
                         "only at a restart (running %d)", workers, self.count)
         wanted = smtp_listeners(config, self.no_edge)
         if set(wanted) == set(self.sockets):
             for worker in self.workers:
-                self._signal(worker, signal.SIGHUP)
+                if worker.ready is not None and worker.ready.done() and worker.ready.result():
+                    self._signal(worker, signal.SIGHUP)
+                else:  # starting: it may have read the old file already
+                    worker.reload = True
             log.info("SIGHUP passed on to the workers")
             return
         try:
