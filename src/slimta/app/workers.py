@@ -468,6 +468,9 @@ class Supervisor:
             log.error("worker %d (pid %d) ended while starting (%s)", worker.number, proc.pid,
                       how)
             return
+        if code == 0 and self._stopping is not None and not self._stopping.is_set():
+            # Ctrl-C (or a kill of the process group) may reach a worker before us
+            await asyncio.sleep(0.5)
         if self._stopping is not None and self._stopping.is_set():
             return
         worker.failures = worker.failures + 1 if uptime < MIN_UPTIME else 0
