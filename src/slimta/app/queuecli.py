@@ -4,6 +4,9 @@ The commands talk to a :class:`QueueClient`. :class:`SqliteQueueClient` works
 directly on the SQLite file of a :class:`~slimta.queue.sqlite.SqliteStorage`
 whose daemon is stopped; :class:`AdminQueueClient` works on a queue of a
 running daemon through its admin endpoint (:mod:`slimta.app.admin`).
+:class:`MultiQueueClient` joins several of them into one: the per-worker
+files of ``slimta serve --workers N`` (``--db queue.db`` finds ``queue.1.db``,
+``queue.2.db``, ... beside it) or the workers' endpoints (``--admin URL,URL``).
 
 One process uses a queue file at a time (see :mod:`slimta.queue.sqlite`), and
 a running daemon keeps its schedule in memory: a change made behind its back
