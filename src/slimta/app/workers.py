@@ -332,8 +332,9 @@ class Supervisor:
                 await self._stop_all()
                 return 1
             self._up = True
-            log.info("%d workers ready (pids %s)", self.count,
-                     ", ".join(str(w.process.pid) for w in self.workers if w.process))
+            if not self._stopping.is_set():
+                log.info("%d workers ready (pids %s)", self.count,
+                         ", ".join(str(pid) for pid in self.pids().values()))
             await self._stopping.wait()
             log.info("stopping the workers")
             await self._stop_all()
