@@ -183,6 +183,8 @@ def test_two_workers_share_load_survive_kill_reload_and_stop(tmp_path):
         assert not (tmp_path / "data/q.db").exists()
         second = worker_pids(tmp_path)
         assert second[2] == first[2] and gone(first[1])
+        wait_for(lambda: f"worker 1 (pid {second[1]}) ready" in log_text(tmp_path),
+                 what="the new worker 1 ready")
         # clients connecting afterwards are served (by either worker)
         for n in range(6):
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -194,7 +196,8 @@ def test_two_workers_share_load_survive_kill_reload_and_stop(tmp_path):
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: all("second banner" in greeting(port) for _ in range(8)),
                  what="the new banner from both workers")
-        assert log_text(tmp_path).count("SIGHUP: reloading the config") == 3
+        wait_for(lambda: log_text(tmp_path).count("SIGHUP: reloading the config") == 3,
+                 what="the supervisor and both workers reloading")
 
         assert stop(proc) == 0
         assert all(gone(pid) for pid in second.values())

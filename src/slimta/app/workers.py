@@ -92,6 +92,32 @@ def _where(address: Address) -> str:
 
 # --- the worker's side -----------------------------------------------------------
 
+class _OneAtATime(socket.socket):
+    """A listening socket that hands out one connection per wake-up of the event loop.
+
+    asyncio accepts in a loop until the kernel queue is empty, so the worker
+    that wakes first would take a whole burst of new connections (20 arriving
+    at once: 15 for one worker, 5 for the other), and a busy worker as many as
+    an idle one. Claiming "empty" after each connection makes the worker go
+    back to its loop; the connections left wake every worker again, and the
+    one that is free first takes the next.
+    """
+
+    _took = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self._took:
+            self._took = False
+            raise BlockingIOError("one connection per wake-up")
+        try:
+            pair = super().accept()
+        except BlockingIOError:
+            self._took = False
+            raise
+        self._took = True
+        return pair
+
+
 @dataclass
 class WorkerContext:
     """What a worker process got from its supervisor (see :data:`slimta.app.build.worker`).
@@ -116,8 +142,9 @@ class WorkerContext:
         if not text:
             return None
         data = json.loads(text)
-        sockets = {(str(host), int(port)): socket.socket(fileno=int(fd))
-                   for host, port, fd in data.get("listeners", [])}
+        sockets: dict[Address, socket.socket] = {
+            (str(host), int(port)): _OneAtATime(fileno=int(fd))
+            for host, port, fd in data.get("listeners", [])}
         return cls(int(data["number"]), int(data["count"]), sockets,
                    data.get("ready"), data.get("lifeline"))
 
