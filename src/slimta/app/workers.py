@@ -45,10 +45,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,11 @@ ENV_VAR = "SLIMTA_WORKER"
 MIN_UPTIME = 10.0
 #: The longest wait before restarting a worker that keeps failing.
 MAX_RESTART_DELAY = 60.0
+#: How long (seconds) a worker with more open connections than another leaves a new
+#: connection to the others before it takes it itself.
+LEAVE_FOR = 0.02
+#: A worker's slot in the shared connection counts while it is not running.
+_DOWN = 0xFFFFFFFF
 #: The default text log of a process of ``--workers N``.
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(_worker_label)s] %(name)s %(message)s"
 
@@ -92,30 +99,77 @@ def _where(address: Address) -> str:
 
 # --- the worker's side -----------------------------------------------------------
 
+class _Counts:
+    """The open connections of each worker, in memory shared with the supervisor."""
+
+    def __init__(self, fd: int, count: int, number: int):
+        self._mem = mmap.mmap(fd, 4 * count)
+        os.close(fd)
+        self._slots = memoryview(self._mem).cast("I")
+        self._mine = number - 1
+        self._slots[self._mine] = 0
+
+    def mine(self) -> int:
+        return self._slots[self._mine]
+
+    def fewest_elsewhere(self) -> int:
+        others = [v for i, v in enumerate(self._slots) if i != self._mine]
+        return min(others, default=_DOWN)
+
+    def add(self, n: int) -> None:
+        self._slots[self._mine] = max(0, self._slots[self._mine] + n)
+
+
+class _Counted(socket.socket):
+    """An accepted connection that counts itself out of :class:`_Counts` when closed."""
+
+    _counts: _Counts | None = None
+
+    def close(self) -> None:
+        counts, self._counts = self._counts, None
+        if counts is not None:
+            counts.add(-1)
+        super().close()
+
+
 class _OneAtATime(socket.socket):
-    """A listening socket that hands out one connection per wake-up of the event loop.
+    """A listening socket that spreads new connections evenly over the workers.
 
     asyncio accepts in a loop until the kernel queue is empty, so the worker
     that wakes first would take a whole burst of new connections (20 arriving
     at once: 15 for one worker, 5 for the other), and a busy worker as many as
-    an idle one. Claiming "empty" after each connection makes the worker go
-    back to its loop; the connections left wake every worker again, and the
-    one that is free first takes the next.
+    an idle one. So a worker takes one connection per wake-up of its loop, and
+    while it has more open connections than another worker it leaves new ones
+    to the others for up to :data:`LEAVE_FOR` seconds (the counts are in
+    memory shared by the workers, :class:`_Counts`). Every worker is woken
+    by a waiting connection, so the one with the fewest takes it.
     """
 
+    counts: _Counts | None = None  # one per process: set by WorkerContext.from_environ
     _took = False
+    _leaving: float | None = None
 
     def accept(self) -> tuple[socket.socket, Any]:
         if self._took:
             self._took = False
             raise BlockingIOError("one connection per wake-up")
-        try:
-            pair = super().accept()
-        except BlockingIOError:
-            self._took = False
-            raise
+        counts = self.counts
+        if counts is not None and counts.mine() > counts.fewest_elsewhere():
+            now = time.monotonic()
+            if self._leaving is None:
+                self._leaving = now
+            if now - self._leaving < LEAVE_FOR:
+                raise BlockingIOError("left to a worker with fewer connections")
+        self._leaving = None
+        fd, address = self._accept()  # as socket.accept(), with a counted socket
+        conn = _Counted(self.family, self.type, self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            conn.setblocking(True)
+        if counts is not None:
+            conn._counts = counts
+            counts.add(1)
         self._took = True
-        return pair
+        return conn, address
 
 
 @dataclass
@@ -145,6 +199,9 @@ class WorkerContext:
         sockets: dict[Address, socket.socket] = {
             (str(host), int(port)): _OneAtATime(fileno=int(fd))
             for host, port, fd in data.get("listeners", [])}
+        if data.get("counts") is not None:
+            _OneAtATime.counts = _Counts(int(data["counts"]), int(data["count"]),
+                                         int(data["number"]))
         return cls(int(data["number"]), int(data["count"]), sockets,
                    data.get("ready"), data.get("lifeline"))
 
@@ -323,7 +380,8 @@ class Supervisor:
 
     The environment variable :data:`ENV_VAR` given to worker *i* is JSON:
     ``{"number": i, "count": N, "listeners": [[interface, port, fd], ...],
-    "ready": fd, "lifeline": fd}``.
+    "ready": fd, "lifeline": fd, "counts": fd}`` (``counts``: shared memory
+    holding each worker's open connections as 32-bit integers).
     """
 
     def __init__(self, count: int, command: list[str], sockets: dict[Address, socket.socket],
@@ -342,6 +400,12 @@ class Supervisor:
         self._reload_task: asyncio.Task | None = None
         self._reload_again = False
         self._tasks: set[asyncio.Task] = set()
+        # each worker's open connections, for spreading new ones (see _OneAtATime)
+        self._counts_fd = os.memfd_create("slimta-workers")
+        os.ftruncate(self._counts_fd, 4 * count)
+        self._counts = memoryview(mmap.mmap(self._counts_fd, 4 * count)).cast("I")
+        for i in range(count):
+            self._counts[i] = _DOWN
 
     # --- lifecycle -----------------------------------------------------------
     async def run(self) -> int:
@@ -372,6 +436,7 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             for sock in self.sockets.values():
                 sock.close()
+            os.close(self._counts_fd)
 
     def pids(self) -> dict[int, int]:
         """The process id of each running worker, by worker number."""
@@ -438,8 +503,8 @@ class Supervisor:
         env = dict(os.environ)
         env[ENV_VAR] = json.dumps({"number": worker.number, "count": self.count,
                                    "listeners": listeners, "ready": ready_w,
-                                   "lifeline": life_r})
-        fds = (*(fd for _, _, fd in listeners), ready_w, life_r)
+                                   "lifeline": life_r, "counts": self._counts_fd})
+        fds = (*(fd for _, _, fd in listeners), ready_w, life_r, self._counts_fd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command, stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=fds)
@@ -483,6 +548,7 @@ class Supervisor:
 
     async def _watch(self, worker: _Worker, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
+        self._counts[worker.number - 1] = _DOWN
         loop = asyncio.get_running_loop()
         uptime = loop.time() - worker.started
         if worker.lifeline is not None:
