@@ -41,6 +41,12 @@ DEFAULT_DATA_DIR = "slimta-data"
 #: The lookup of the embedded default's submission users (see :func:`ensure_first_user`).
 FIRST_USER_LOOKUP = "submission_users"
 
+#: In a worker process of ``slimta serve --workers N``: its
+#: :class:`~slimta.app.workers.WorkerContext` (the listening sockets inherited
+#: from the supervisor, its SQLite queue files, its admin port); None otherwise.
+#: Module-wide because a SIGHUP reload builds the next generation here too.
+worker: Any = None
+
 
 def _fail(path: str, message: str) -> ConfigError:
     return ConfigError(Problem(None, path, message))
@@ -374,8 +380,10 @@ class _Builder:
         from slimta.queue import Queue
         if isinstance(spec, C.SqliteQueueConfig):
             from slimta.queue.sqlite import SqliteStorage
-            store: Any = SqliteStorage(self.data_path(spec.path or f"{name}.db"),
-                                       synchronous=spec.synchronous)
+            file = self.data_path(spec.path or f"{name}.db")
+            if worker is not None:  # each worker owns a file; shared storages stay as they are
+                file = worker.queue_path(file)
+            store: Any = SqliteStorage(file, synchronous=spec.synchronous)
         elif isinstance(spec, C.MemoryQueueConfig):
             from slimta.queue.dict import DictStorage
             store = DictStorage()
@@ -437,8 +445,11 @@ class _Builder:
         context = self.server_tls(spec.tls)
         edges = []
         for listener in spec.listener:
+            address: Any = (listener.interface, listener.port)
+            if worker is not None:  # the supervisor's socket: bound once for every worker
+                address = worker.listener(*address)
             edges.append(SmtpEdge(
-                (listener.interface, listener.port), queue, spec.max_size, validators,
+                address, queue, spec.max_size, validators,
                 auth=auth, context=context, tls_immediately=spec.tls_immediately,
                 command_timeout=spec.command_timeout, data_timeout=spec.data_timeout,
                 hostname=hostname, auth_require_tls=spec.auth_require_tls,
@@ -495,7 +506,8 @@ class _Builder:
                 metrics.instrument_queue(queue, name)
         queues = {n: q for n, q in app.queues.items() if hasattr(q, "stats")}
         app.metrics = metrics
-        app.admin = AdminServer(admin.listener.interface or "127.0.0.1", admin.listener.port,
+        port = admin.listener.port if worker is None else worker.admin_port(admin.listener.port)
+        app.admin = AdminServer(admin.listener.interface or "127.0.0.1", port,
                                 admin.token, metrics, queues, allowed_hosts=admin.allowed_hosts)
 
 

@@ -99,12 +99,16 @@ def _apply_overrides(config, listen: tuple[str, ...], hostname: str | None,
 
 
 def _where(listener) -> str:
-    host = listener.interface or "*"
-    return f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
+    return _host_port(listener.interface, listener.port)
+
+
+def _host_port(host: str, port: int) -> str:
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _run(app, proc=None, again=None, no_edge: bool = False,
-               no_relay: bool = False) -> None:
+               no_relay: bool = False, worker=None) -> None:
     from slimta.app.reload import Reloader
 
     loop = asyncio.get_running_loop()
@@ -134,15 +138,20 @@ async def _run(app, proc=None, again=None, no_edge: bool = False,
         await app.stop()
         click.echo(f"slimta: cannot start: {exc}", err=True)
         sys.exit(1)
-    for name in app.edges:
+    if worker is not None:  # the supervisor printed where it listens
+        worker.watch_supervisor(stopping.set)
+        worker.notify_ready()
+        log.info("serving")
+    for name in app.edges if worker is None else ():
         spec = app.config.edge[name]
         where = ", ".join(_where(x) for x in getattr(spec, "listener", []))
         click.echo(f"slimta {slimta.__version__}: {name}: SMTP on {where} -> queue {spec.queue}")
-    if app.admin is not None:
+    if app.admin is not None and worker is None:
         host, port = app.admin.address[:2]
         click.echo(f"slimta: admin/metrics on http://{host}:{port}/metrics")
-    click.echo(f"slimta: data in {app.data_dir} (SIGTERM or Ctrl-C stops)", nl=True)
-    sys.stdout.flush()
+    if worker is None:
+        click.echo(f"slimta: data in {app.data_dir} (SIGTERM or Ctrl-C stops)", nl=True)
+        sys.stdout.flush()
     await stopping.wait()
     log.info("stopping")
     await reloader.finish()
@@ -165,9 +174,12 @@ async def _run(app, proc=None, again=None, no_edge: bool = False,
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False),
               help="The data directory (default: process.slimta.data_dir, $SLIMTA_DATA_DIR, "
                    "./slimta-data).")
+@click.option("--workers", default=None, type=click.IntRange(1, 256),
+              help="Worker processes sharing the listeners, under a supervisor "
+                   "(default: process.slimta.workers, 1: no supervisor).")
 def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[str, ...],
           hostname: str | None, max_size: int | None, admin_listen: str | None,
-          data_dir: str | None) -> None:
+          data_dir: str | None, workers: int | None) -> None:
     """Run the MTA the config describes (without -c: the embedded default).
 
     The embedded default accepts mail for @localhost on 127.0.0.1:1025 into
@@ -175,15 +187,38 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
     (a user is made and printed at the first start) relayed by MX, and
     serves metrics on http://127.0.0.1:8025/metrics.
     """
+    from slimta.app import build as B
+    from slimta.app import workers as W
     from slimta.app.build import build, data_dir_of, ensure_first_user
     from slimta.app.config import ConfigError
 
+    # a process started by the supervisor of --workers N (see slimta.app.workers)
+    worker = W.WorkerContext.from_environ()
     try:
         config = load(config_file)
     except ConfigError as exc:
         _config_error(exc)
     _apply_overrides(config, listen, hostname, max_size, admin_listen, data_dir)
     setup_logging(config.process_settings())
+    count = workers or config.process_settings().workers
+
+    def again():  # SIGHUP: the config file again, with this command line's overrides
+        new = load(config_file)
+        _apply_overrides(new, listen, hostname, max_size, admin_listen, data_dir)
+        return new
+
+    if worker is not None:
+        W.tag_logs(worker.number)
+        B.worker = worker
+        try:
+            app = build(config, no_edge=no_edge, no_relay=no_relay)
+        except ConfigError as exc:
+            _config_error(exc)
+        # the supervisor wrote the pid file and dropped privileges
+        asyncio.run(_run(app, None, again, no_edge, no_relay, worker))
+        return
+    if count > 1:
+        W.tag_logs(0)
     proc = Process(config.process_settings(), data_dir_of(config))
     try:
         proc.check()
@@ -204,15 +239,60 @@ def serve(config_file: str | None, no_edge: bool, no_relay: bool, listen: tuple[
             user, password, path = first
             click.echo(f"slimta: created the submission user {user} with password {password}\n"
                        f"        (shown only now; its hash is in {path})")
-    def again():  # SIGHUP: the config file again, with this command line's overrides
-        new = load(config_file)
-        _apply_overrides(new, listen, hostname, max_size, admin_listen, data_dir)
-        return new
-
+    for orphan in W.orphan_queue_files(config, count):
+        log.warning("%s: a queue file of another number of workers (process.slimta.workers): "
+                    "its mail waits until such a process runs", orphan)
+    if count > 1:
+        _supervise(config, count, proc, again, no_edge, fixed_count=workers is not None)
+        return
     try:
         asyncio.run(_run(app, proc, again, no_edge, no_relay))
     finally:
         proc.close()
+
+
+def _supervise(config, count: int, proc: Process, again, no_edge: bool,
+               fixed_count: bool) -> None:
+    """``serve`` with ``count`` workers: bind, pid file and user, then run the supervisor."""
+    from slimta.app import workers as W
+    from slimta.app.build import data_dir_of
+
+    settings = config.process_settings()
+    try:
+        sockets = W.bind_listeners(W.smtp_listeners(config, no_edge))
+    except OSError as exc:
+        click.echo(f"slimta: cannot listen: {exc}", err=True)
+        sys.exit(1)
+    try:  # the pid file names the supervisor; the workers inherit the user/group
+        proc.started()
+    except (OSError, ProcessError) as exc:
+        for sock in sockets.values():
+            sock.close()
+        click.echo(f"slimta: cannot start: {exc}", err=True)
+        sys.exit(1)
+    code = 1
+    try:
+        for name, spec in config.edge.items():
+            found = [sockets[(x.interface, x.port)] for x in getattr(spec, "listener", [])
+                     if (x.interface, x.port) in sockets]
+            if found:
+                where = ", ".join(_host_port(*s.getsockname()[:2]) for s in found)
+                click.echo(f"slimta {slimta.__version__}: {name}: SMTP on {where} -> queue "
+                           f"{spec.queue} ({count} workers)")
+        if settings.admin is not None and settings.admin.listener.port:
+            admin = settings.admin.listener
+            click.echo(f"slimta: admin/metrics of worker i on "
+                       f"http://{admin.interface or '127.0.0.1'}:{admin.port}+i-1/metrics "
+                       f"(ports {admin.port}-{admin.port + count - 1})")
+        click.echo(f"slimta: data in {data_dir_of(config)} (SIGTERM or Ctrl-C stops)")
+        sys.stdout.flush()
+        supervisor = W.Supervisor(count, W.worker_command(), sockets, again, no_edge=no_edge,
+                                  shutdown_timeout=settings.shutdown_timeout,
+                                  fixed_count=fixed_count)
+        code = asyncio.run(supervisor.run())
+    finally:
+        proc.close()
+    sys.exit(code)
 
 
 @main.command()

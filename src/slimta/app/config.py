@@ -1052,6 +1052,8 @@ class ProcessConfig(_Model):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     shutdown_timeout: float = Field(30.0, ge=0)
     admin: AdminConfig | None = None
+    #: worker processes of ``slimta serve`` (1: one process, no supervisor; see slimta.app.workers)
+    workers: int = Field(1, ge=1, le=256)
 
     @field_validator("logging")
     @classmethod

@@ -4,6 +4,9 @@ The commands talk to a :class:`QueueClient`. :class:`SqliteQueueClient` works
 directly on the SQLite file of a :class:`~slimta.queue.sqlite.SqliteStorage`
 whose daemon is stopped; :class:`AdminQueueClient` works on a queue of a
 running daemon through its admin endpoint (:mod:`slimta.app.admin`).
+:class:`MultiQueueClient` joins several of them into one: the per-worker
+files of ``slimta serve --workers N`` (``--db queue.db`` finds ``queue.1.db``,
+``queue.2.db``, ... beside it) or the workers' endpoints (``--admin URL,URL``).
 
 One process uses a queue file at a time (see :mod:`slimta.queue.sqlite`), and
 a running daemon keeps its schedule in memory: a change made behind its back
@@ -56,6 +59,7 @@ __all__ = [
     "AdminQueueClient",
     "BatchResult",
     "MessageDetail",
+    "MultiQueueClient",
     "QueueBusyError",
     "QueueClient",
     "QueueUnavailableError",
@@ -63,6 +67,7 @@ __all__ = [
     "StorageQueueClient",
     "queue",
     "queue_file_in_use",
+    "worker_queue_files",
 ]
 
 #: Everything was done.
@@ -539,6 +544,118 @@ class AdminQueueClient(QueueClient):
         return data
 
 
+def worker_queue_files(path: str | os.PathLike[str]) -> list[str]:
+    """The per-worker files of the SQLite queue ``path`` that exist, by worker number.
+
+    ``slimta serve --workers N`` gives worker *i* the file ``<stem>.<i><suffix>``
+    (``queue.db``: ``queue.1.db``, ``queue.2.db``, ...; see :mod:`slimta.app.workers`).
+    """
+    base = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(base)
+    stem, suffix = os.path.splitext(name)
+    pattern = re.compile(re.escape(stem) + r"\.(\d+)" + re.escape(suffix) + "$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = [(int(m.group(1)), n) for n in names if (m := pattern.match(n))]
+    return [os.path.join(folder, n) for _, n in sorted(found)]
+
+
+class MultiQueueClient(QueueClient):
+    """One :class:`QueueClient` over several queues that are one in the operator's eyes.
+
+    These are the per-worker SQLite files of ``slimta serve --workers N`` (or
+    the workers' admin endpoints). ``list`` merges them (by next attempt),
+    each id is handled by the queue that holds it (one that none holds is
+    missing), ``flush`` and ``stats`` cover them all (counts summed).
+    """
+
+    def __init__(self, clients: Sequence[QueueClient]) -> None:
+        self.clients = list(clients)
+
+    async def open(self) -> None:
+        opened: list[QueueClient] = []
+        try:
+            for client in self.clients:
+                await client.open()
+                opened.append(client)
+        except BaseException:
+            for client in opened:
+                await client.close()
+            raise
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+    async def list(self) -> list[QueueEntry]:
+        entries = [e for client in self.clients for e in await client.list()]
+        return sorted(entries, key=lambda e: e.next_attempt)
+
+    async def show(self, id: str) -> MessageDetail:
+        for client in self.clients:
+            try:
+                return await client.show(id)
+            except KeyError:
+                continue
+        raise KeyError(id)
+
+    async def _split(self, ids: Sequence[str], method: str,
+                     progress: Progress | None) -> BatchResult:
+        result = BatchResult()
+        left = list(dict.fromkeys(ids))
+        total, done = len(left), 0
+        for client in self.clients:
+            if not left:
+                break
+            held = {e.id for e in await client.list()}
+            mine = [i for i in left if i in held]
+            left = [i for i in left if i not in held]
+            if not mine:
+                continue
+            offset = done
+
+            def step(n: int, _total: int, offset: int = offset) -> None:
+                if progress is not None:
+                    progress(offset + n, total)
+
+            part = await getattr(client, method)(mine, step)
+            result.done += part.done
+            result.missing += part.missing
+            done += len(mine)
+        result.missing += left
+        return result
+
+    async def retry(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._split(ids, "retry", progress)
+
+    async def hold(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._split(ids, "hold", progress)
+
+    async def release(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._split(ids, "release", progress)
+
+    async def delete(self, ids: Sequence[str], progress: Progress | None = None) -> BatchResult:
+        return await self._split(ids, "delete", progress)
+
+    async def flush(self, progress: Progress | None = None) -> BatchResult:
+        result = BatchResult()
+        for client in self.clients:
+            part = await client.flush(progress)
+            result.done += part.done
+            result.missing += part.missing
+        return result
+
+    async def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for client in self.clients:
+            for key, value in (await client.stats()).items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    total[key] = total.get(key, 0) + value
+        return total
+
+
 # --- the commands ------------------------------------------------------------
 
 _FULL_ID = re.compile(r"[0-9a-f]{32}")
@@ -717,6 +834,11 @@ config file (--queue NAME picks one): a postgres or redis queue shared
 by running daemons, which see the changes at once, or a sqlite queue
 file as with --db. Give one of --db, --admin and --config.
 
+\b
+With `slimta serve --workers N`, --db PATH covers the per-worker files
+(PATH queue.db: queue.1.db, queue.2.db, ...), and --admin takes the
+workers' endpoints separated by commas (worker i: the admin port + i - 1).
+
 Ids may be shortened to a unique prefix.
 
 \b
@@ -787,6 +909,10 @@ def _client_factory(ctx: click.Context, db: str | None, admin: str | None,
             if value is not None:
                 raise click.UsageError(f"{name} goes with --admin, not --db")
         path = db
+        workers = worker_queue_files(path)
+        if workers:  # slimta serve --workers N: one file per worker, and the plain one if any
+            paths = ([path] if os.path.isfile(path) else []) + workers
+            return lambda: MultiQueueClient([SqliteQueueClient(p) for p in paths])
         return lambda: SqliteQueueClient(path)
     if admin is None:
         raise click.UsageError("give --db PATH (a stopped daemon's queue file) or --admin URL "
@@ -798,6 +924,9 @@ def _client_factory(ctx: click.Context, db: str | None, admin: str | None,
             raise click.UsageError(f"--token-env {token_env}: the variable is not set")
     else:
         token = os.environ.get("SLIMTA_ADMIN_TOKEN") or None
+    urls = [u.strip() for u in admin.split(",") if u.strip()]
+    if len(urls) > 1:  # the endpoints of the workers of slimta serve --workers N
+        return lambda: MultiQueueClient([AdminQueueClient(u, queue_name, token) for u in urls])
     url = admin
     return lambda: AdminQueueClient(url, queue_name, token)
 
