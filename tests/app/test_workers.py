@@ -365,3 +365,35 @@ def test_queue_commands_cover_the_worker_files(tmp_path):
     # a single file is used as before
     out = queue_cli(tmp_path / "q.2.db", "list", "--json")
     assert out.returncode == 0 and json.loads(out.stdout) == []
+
+
+def test_http_edges_are_shared_by_the_workers_too(tmp_path):
+    """The supervisor binds an HTTP edge's listener once, like an SMTP edge's."""
+    import base64
+    import urllib.request
+
+    smtp_port, http_port = free_port(), free_port()
+    write(tmp_path / "slimta.yaml", [smtp_port])
+    text = (tmp_path / "slimta.yaml").read_text().replace(
+        "queue:\n", f"  web: {{type: http, queue: q, listener: '127.0.0.1:{http_port}'}}\n"
+        "queue:\n", 1)
+    (tmp_path / "slimta.yaml").write_text(text)
+    proc = start(tmp_path, "--workers", "2")
+    try:
+        wait_for(lambda: ready(tmp_path, 2), what="2 workers ready")
+        out = proc.stdout.readline().decode() + proc.stdout.readline().decode()
+        assert f"web: HTTP on 127.0.0.1:{http_port} -> queue q (2 workers)" in out
+        for n in range(6):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/", data=f"Subject: m{n}\r\n\r\ntoken-{n}\r\n"
+                .encode(), method="POST", headers={
+                    "Content-Type": "message/rfc822",
+                    "X-Envelope-Sender": base64.b64encode(b"a@example.net").decode(),
+                    "X-Envelope-Recipient": base64.b64encode(b"b@example.org").decode()})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+        wait_for(lambda: len(maildir_tokens(tmp_path)) == 6, what="6 messages delivered")
+        assert stop(proc) == 0
+    finally:
+        proc.kill()
+    assert "Traceback" not in log_text(tmp_path)

@@ -173,6 +173,13 @@ class _Builder:
     def config_path(self, path: str) -> str:
         return os.path.join(self.config_dir, os.path.expanduser(path))
 
+    @staticmethod
+    def listen_on(interface: str, port: int) -> Any:
+        """An edge's listener: the address, or in a worker the supervisor's socket for it."""
+        if worker is not None:  # bound once for every worker
+            return worker.listener(interface, port)
+        return (interface, port)
+
     # --- lookups ---------------------------------------------------------
     def lookup(self, spec: Any, path: str) -> Any:
         if isinstance(spec, str):
@@ -425,7 +432,8 @@ class _Builder:
                     raise _fail(where, f"no lookup named {ref!r}")
                 auth = self.lookup(ref, where)
             context = self.server_tls(spec.tls)
-            return [HttpEdge((listener.interface, listener.port), queue, uri_pattern=spec.uri,
+            return [HttpEdge(self.listen_on(listener.interface, listener.port), queue,
+                             uri_pattern=spec.uri,
                              context=context, hostname=spec.hostname or self.hostname,
                              max_size=spec.max_size, auth=auth,
                              max_recipients=spec.max_recipients, data_timeout=spec.data_timeout,
@@ -445,11 +453,8 @@ class _Builder:
         context = self.server_tls(spec.tls)
         edges = []
         for listener in spec.listener:
-            address: Any = (listener.interface, listener.port)
-            if worker is not None:  # the supervisor's socket: bound once for every worker
-                address = worker.listener(*address)
             edges.append(SmtpEdge(
-                address, queue, spec.max_size, validators,
+                self.listen_on(listener.interface, listener.port), queue, spec.max_size, validators,
                 auth=auth, context=context, tls_immediately=spec.tls_immediately,
                 command_timeout=spec.command_timeout, data_timeout=spec.data_timeout,
                 hostname=hostname, auth_require_tls=spec.auth_require_tls,

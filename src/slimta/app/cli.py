@@ -145,7 +145,8 @@ async def _run(app, proc=None, again=None, no_edge: bool = False,
     for name in app.edges if worker is None else ():
         spec = app.config.edge[name]
         where = ", ".join(_where(x) for x in getattr(spec, "listener", []))
-        click.echo(f"slimta {slimta.__version__}: {name}: SMTP on {where} -> queue {spec.queue}")
+        kind = spec.type.upper() if spec.type in ("smtp", "http") else f"{spec.type} edge"
+        click.echo(f"slimta {slimta.__version__}: {name}: {kind} on {where} -> queue {spec.queue}")
     if app.admin is not None and worker is None:
         host, port = app.admin.address[:2]
         click.echo(f"slimta: admin/metrics on http://{host}:{port}/metrics")
@@ -277,8 +278,8 @@ def _supervise(config, count: int, proc: Process, again, no_edge: bool,
                      if (x.interface, x.port) in sockets]
             if found:
                 where = ", ".join(_host_port(*s.getsockname()[:2]) for s in found)
-                click.echo(f"slimta {slimta.__version__}: {name}: SMTP on {where} -> queue "
-                           f"{spec.queue} ({count} workers)")
+                click.echo(f"slimta {slimta.__version__}: {name}: {spec.type.upper()} on {where} "
+                           f"-> queue {spec.queue} ({count} workers)")
         if settings.admin is not None and settings.admin.listener.port:
             admin = settings.admin.listener
             click.echo(f"slimta: admin/metrics of worker i on "

@@ -1,6 +1,6 @@
 """``slimta serve --workers N``: a supervisor and N worker processes on shared listening sockets.
 
-The supervisor binds every SMTP edge listener once, writes the pid file,
+The supervisor binds every SMTP and HTTP edge listener once, writes the pid file,
 drops privileges, and then runs N copies of ``slimta serve`` (the same
 command line) as worker processes. Each worker inherits the listening
 sockets (``pass_fds``; their ``interface:port`` → descriptor map is in the
@@ -286,14 +286,15 @@ def tag_logs(number: int) -> None:
 # --- the supervisor's side -------------------------------------------------------
 
 def smtp_listeners(config: Any, no_edge: bool = False) -> dict[Address, int]:
-    """The ``(interface, port)`` of every SMTP edge listener in ``config``, with its backlog."""
-    from slimta.app.config import SmtpEdgeConfig
+    """The ``(interface, port)`` of every SMTP and HTTP edge listener in ``config``, with its
+    backlog."""
+    from slimta.app.config import HttpEdgeConfig, SmtpEdgeConfig
 
     found: dict[Address, int] = {}
     if no_edge:
         return found
     for spec in config.edge.values():
-        if isinstance(spec, SmtpEdgeConfig):
+        if isinstance(spec, SmtpEdgeConfig | HttpEdgeConfig):
             for listener in spec.listener:
                 found[(listener.interface, listener.port)] = spec.backlog
     return found
