@@ -354,3 +354,16 @@ def test_admin_allowed_hosts_and_shared_queue_types(pg_schema, redis_prefix):
     assert pg.shared and pg.lease == 60 and pg.store.owner == "mx1"
     assert type(pg.store).__name__ == "PostgresStorage"
     assert rd.shared and type(rd.store).__name__ == "RedisStorage"
+
+
+def test_each_worker_holds_its_own_leases(monkeypatch):
+    """A configured lease owner gets the worker's number in worker processes."""
+    from slimta.app import build as B
+
+    class Worker:
+        number = 2
+
+    monkeypatch.setattr(B, "worker", Worker())
+    config = parse_config({"queue": {"pg": {"type": "postgres", "owner": "mx1"}}})
+    assert build(config).queues["pg"].store.owner == "mx1:2"
+    assert config.queue["pg"].owner == "mx1"

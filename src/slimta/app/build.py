@@ -395,6 +395,8 @@ class _Builder:
             from slimta.queue.dict import DictStorage
             store = DictStorage()
         elif isinstance(spec, C.PostgresQueueConfig | C.RedisQueueConfig):
+            if worker is not None and spec.owner:  # each worker holds its own leases
+                spec = spec.model_copy(update={"owner": f"{spec.owner}:{worker.number}"})
             store = shared_storage(spec)
             return Queue(store, relay, backoff=self.backoff(spec.retry),
                          relay_pool=spec.relay_pool, hostname=self.hostname, lease=spec.lease)
