@@ -11,8 +11,9 @@ import socket
 import time
 
 from slimta.service import Service
+from slimta.util.listeners import bind_listener
 
-__all__ = ["Edge"]
+__all__ = ["Edge", "ListeningEdge"]
 
 
 class Edge(Service):
@@ -32,3 +33,33 @@ class Edge(Service):
         envelope.receiver = self.hostname
         envelope.timestamp = time.time()
         return await self.queue.enqueue(envelope)
+
+
+class ListeningEdge(Edge):
+    """An edge on a listening TCP socket: ``listener`` is ``(host, port)`` or a bound socket.
+
+    Subclasses set ``listener`` and ``backlog``; the socket is bound by
+    ``start()`` (or :meth:`handover_socket`) and served by their ``_begin``.
+    """
+
+    listener: object
+    backlog: int
+    _sock: socket.socket | None = None
+
+    @property
+    def address(self) -> tuple:
+        """The bound (host, port), e.g. to learn the port after binding port 0."""
+        return self._sock.getsockname()[:2]
+
+    def _prepare(self) -> None:
+        if self._sock is None:
+            self._sock = bind_listener(self.listener, self.backlog)
+
+    def handover_socket(self) -> socket.socket:
+        """A duplicate of the bound listening socket, for an edge that takes over (reload).
+
+        The duplicate keeps listening (connections wait in the backlog) after
+        this edge closes its own descriptor when it stops.
+        """
+        self._prepare()
+        return self._sock.dup()

@@ -36,7 +36,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from slimta.edge import Edge
+from slimta.edge import ListeningEdge
 from slimta.edge.smtp import _queued_reply
 from slimta.envelope import Envelope
 from slimta.smtp import reply as R
@@ -44,7 +44,6 @@ from slimta.smtp.address import AddressError, parse_path
 from slimta.smtp.reply import Reply
 from slimta.smtp.server import DEFAULT_MAX_RECIPIENTS, DEFAULT_MAX_SIZE
 from slimta.util.aio import maybe_await
-from slimta.util.listeners import bind_listener
 
 __all__ = ["HttpEdge", "HttpValidators", "http_status", "reply_header"]
 
@@ -207,7 +206,7 @@ class _Basic:
         return bool(await maybe_await(spec(user, password)))
 
 
-class HttpEdge(Edge):
+class HttpEdge(ListeningEdge):
     """Receives mail as HTTP POST requests and hands each message to ``queue``.
 
     ``HttpEdge(('', 8025), queue).start()`` binds at once (``OSError`` for a
@@ -278,16 +277,7 @@ class HttpEdge(Edge):
         self._sock = None
         self._runner: web.AppRunner | None = None
 
-    @property
-    def address(self) -> tuple:
-        """The bound (host, port), e.g. to learn the port after binding port 0."""
-        return self._sock.getsockname()[:2]
-
     # --- lifecycle ------------------------------------------------------
-    def _prepare(self) -> None:
-        if self._sock is None:
-            self._sock = bind_listener(self.listener, self.backlog)
-
     async def _begin(self) -> None:
         # client_max_size 0 is "no limit" to aiohttp too
         app = web.Application(client_max_size=self.max_size or 0)
@@ -302,11 +292,6 @@ class HttpEdge(Edge):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    def handover_socket(self):
-        """A duplicate of the bound listening socket, for an edge that takes over (reload)."""
-        self._prepare()
-        return self._sock.dup()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting and finish the requests in progress (within ``timeout``), then stop."""

@@ -16,7 +16,7 @@ import logging
 import ssl
 import weakref
 
-from slimta.edge import Edge
+from slimta.edge import ListeningEdge
 from slimta.envelope import Envelope
 from slimta.smtp import reply as R
 from slimta.smtp.auth import SERVER_MECHANISMS
@@ -35,7 +35,6 @@ from slimta.smtp.server import (
     ServerConnection,
     StartTls,
 )
-from slimta.util.listeners import bind_listener
 from slimta.util.proxyproto import ProxyProtocolError, parse_proxy_header
 
 __all__ = ["SmtpEdge", "SmtpSession", "SmtpValidators"]
@@ -629,7 +628,7 @@ def _log_task_error(task: asyncio.Future) -> None:
 _PROXY_VERSIONS: dict = {False: None, True: (1, 2), "any": (1, 2), "v1": (1,), "v2": (2,)}
 
 
-class SmtpEdge(Edge):
+class SmtpEdge(ListeningEdge):
     """Receives mail over SMTP and hands each message to ``queue``.
 
     ``SmtpEdge(('', 25), queue).start()`` binds at once (``OSError`` for a
@@ -744,16 +743,7 @@ class SmtpEdge(Edge):
             "auth_require_tls": self.auth_require_tls,
         }
 
-    @property
-    def address(self) -> tuple:
-        """The bound (host, port), e.g. to learn the port after binding port 0."""
-        return self._sock.getsockname()[:2]
-
     # --- lifecycle ------------------------------------------------------
-    def _prepare(self) -> None:
-        if self._sock is None:
-            self._sock = bind_listener(self.listener, self.backlog)
-
     async def _begin(self) -> None:
         loop = asyncio.get_running_loop()
         protocol_class = _ProxyHeaderReader if self._proxy_versions else SmtpSession
@@ -767,15 +757,6 @@ class SmtpEdge(Edge):
             factory, sock=self._sock, backlog=self.backlog,
             ssl=self.context if self.tls_immediately else None,
             ssl_handshake_timeout=self.command_timeout if self.tls_immediately else None)
-
-    def handover_socket(self):
-        """A duplicate of the bound listening socket, for an edge that takes over (reload).
-
-        The duplicate keeps listening (connections wait in the backlog) after
-        this edge closes its own descriptor in :meth:`drain` or :meth:`stop`.
-        """
-        self._prepare()
-        return self._sock.dup()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let sessions end on their own within ``timeout``, then :meth:`stop`.
