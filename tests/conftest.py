@@ -254,3 +254,14 @@ def pg_schema(request):
     yield name
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture(params=["postgres", "redis"])
+def shared_queue_keys(request):
+    """The storage keys of a config's queue section for a new, empty shared queue
+    (YAML lines indented for a queue entry: ``q:\\n    <keys>``)."""
+    if request.param == "postgres":
+        schema = request.getfixturevalue("pg_schema")
+        return f"type: postgres\n    dsn: '{PG_DSN}'\n    schema: {schema}"
+    prefix = request.getfixturevalue("redis_prefix")
+    return f"type: redis\n    url: 'redis://127.0.0.1:6379/0'\n    prefix: '{prefix}'"

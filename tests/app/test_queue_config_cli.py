@@ -12,7 +12,6 @@ import pytest
 from test_queue_cli import CLI, ENV, build_queue
 from test_serve import connect, free_port
 
-from conftest import PG_DSN
 from slimta.edge.smtp import SmtpEdge
 
 
@@ -77,20 +76,11 @@ relay:
 """
 
 
-@pytest.fixture(params=["postgres", "redis"])
-def storage(request):
-    if request.param == "postgres":
-        schema = request.getfixturevalue("pg_schema")
-        return f"type: postgres\n    dsn: '{PG_DSN}'\n    schema: {schema}"
-    prefix = request.getfixturevalue("redis_prefix")
-    return f"type: redis\n    url: 'redis://127.0.0.1:6379/0'\n    prefix: '{prefix}'"
-
-
-def test_a_shared_queue_managed_while_its_daemon_runs(tmp_path, storage, run_edge):
+def test_a_shared_queue_managed_while_its_daemon_runs(tmp_path, shared_queue_keys, run_edge):
     """list/hold/delete/release/flush on the shared storage; the daemon acts on them at once."""
     relay_port, port = free_port(), free_port()
     config = tmp_path / "slimta.yaml"
-    config.write_text(CONFIG.format(port=port, storage=storage, relay_port=relay_port))
+    config.write_text(CONFIG.format(port=port, storage=shared_queue_keys, relay_port=relay_port))
     err = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115 - closed when the process ends
     proc = subprocess.Popen([*CLI, "serve", "-c", str(config)], stdout=subprocess.DEVNULL,
                             stderr=err, env=ENV, cwd=tmp_path)

@@ -18,10 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from test_serve import CLI, ENV, connect, free_port
 
-from conftest import PG_DSN
 from slimta.edge.smtp import SmtpEdge
 
 MESSAGES = 2000
@@ -45,16 +43,6 @@ relay:
 """
 
 
-@pytest.fixture(params=["postgres", "redis"])
-def storage(request):
-    """The queue section's storage keys for a new, empty shared queue."""
-    if request.param == "postgres":
-        schema = request.getfixturevalue("pg_schema")
-        return f"type: postgres\n    dsn: '{PG_DSN}'\n    schema: {schema}"
-    prefix = request.getfixturevalue("redis_prefix")
-    return f"type: redis\n    url: 'redis://127.0.0.1:6379/0'\n    prefix: '{prefix}'"
-
-
 def start_host(tmp_path: Path, name: str, storage: str, sink: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     home = tmp_path / name
@@ -72,10 +60,10 @@ def subjects_of(envelopes) -> list[str]:
     return [env.headers["Subject"] for env in envelopes]
 
 
-def test_two_hosts_share_a_queue_and_survive_a_kill(tmp_path, run_edge, storage):
+def test_two_hosts_share_a_queue_and_survive_a_kill(tmp_path, run_edge, shared_queue_keys):
     sink = run_edge(edge_class=SmtpEdge)
     sink.queue.delay = 0.002  # deliveries take a moment, so some are in flight at the kill
-    hosts = [start_host(tmp_path, name, storage, sink.port) for name in ("a", "b")]
+    hosts = [start_host(tmp_path, name, shared_queue_keys, sink.port) for name in ("a", "b")]
     (victim, _), (survivor, _) = hosts
     acknowledged: set[str] = set()
     lock = threading.Lock()
@@ -123,7 +111,8 @@ def test_two_hosts_share_a_queue_and_survive_a_kill(tmp_path, run_edge, storage)
         received = collections.Counter(subjects_of(sink.queue.envelopes))
         lost = acknowledged - set(received)
         duplicates = sum(count - 1 for count in received.values())
-        print(f"\n{storage.split()[1]}: {MESSAGES} acknowledged, {len(received)} received, "
+        kind = shared_queue_keys.split()[1]
+        print(f"\n{kind}: {MESSAGES} acknowledged, {len(received)} received, "
               f"{duplicates} duplicates ({duplicates / MESSAGES:.2%}), {len(lost)} lost")
         assert not lost, f"{len(lost)} acknowledged messages never arrived: {sorted(lost)[:10]}"
         assert duplicates < MESSAGES / 100
