@@ -23,8 +23,6 @@ import json
 import os
 import re
 import signal
-import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from test_serve import CLI, connect, free_port
 
 from slimta.app.admin import AdminServer
 from slimta.app.dashboard import Dashboard, format_relative
@@ -541,19 +540,12 @@ def test_dashboard_routes_are_owned():
 # in a real browser: Playwright + Chromium against `slimta serve`
 # ---------------------------------------------------------------------------
 
-CLI = [sys.executable, "-c", "from slimta.app.cli import main; main()"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 for _var in ("SLIMTA_QUEUE_DB", "SLIMTA_ADMIN_URL", "SLIMTA_ADMIN_TOKEN"):
     ENV.pop(_var, None)
 CHROMIUM = "/usr/bin/chromium"
 #: a quoted local part may hold < and > (RFC 5321 qtextSMTP): the sender is attacker-controlled
 EVIL_SENDER = '"<script>window.__pwned=1</script>"@example.com'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0):
@@ -575,16 +567,7 @@ class Daemon:
     url: str
 
     def send(self, sender: str, rcpts: list[str], subject: str, from_header: str = "") -> None:
-        for _ in range(400):
-            try:
-                client = smtplib.SMTP("127.0.0.1", self.smtp, timeout=10)
-                break
-            except ConnectionRefusedError:
-                assert self.proc.poll() is None, self.proc.communicate()
-                time.sleep(0.05)
-        else:
-            raise AssertionError("the server did not start")
-        with client:
+        with connect(self.smtp, self.proc) as client:
             msg = (f"From: {from_header or sender}\r\nSubject: {subject}\r\n\r\n"
                    f"hello {subject}\r\n")
             client.ehlo()

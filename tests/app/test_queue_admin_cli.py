@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_serve import CLI, connect, free_port
 
-CLI = [sys.executable, "-c", "from slimta.app.cli import main; main()"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 ENV.pop("SLIMTA_QUEUE_DB", None)
 ENV.pop("SLIMTA_ADMIN_URL", None)
 ENV.pop("SLIMTA_ADMIN_TOKEN", None)
 TOKEN = "s3cret-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -40,16 +32,7 @@ class Daemon:
     data: Path
 
     def send(self, sender: str, rcpts: list[str], subject: str) -> None:
-        for _ in range(400):
-            try:
-                client = smtplib.SMTP("127.0.0.1", self.smtp, timeout=10)
-                break
-            except ConnectionRefusedError:
-                assert self.proc.poll() is None, self.proc.communicate()
-                time.sleep(0.05)
-        else:
-            raise AssertionError("the server did not start")
-        with client:
+        with connect(self.smtp, self.proc) as client:
             msg = f"From: <{sender}>\r\nSubject: {subject}\r\n\r\nhello {subject}\r\n"
             assert client.sendmail(sender, rcpts, msg.encode()) == {}
 
