@@ -59,9 +59,8 @@ def message(n: int):
 def shared_pair(request):
     """Two users (owners ``a`` and ``b``) of one new, empty shared storage."""
     if request.param == "postgres":
-        from slimta.queue.postgres import PostgresStorage
-
         from conftest import PG_DSN
+        from slimta.queue.postgres import PostgresStorage
 
         schema = request.getfixturevalue("pg_schema")
         return tuple(PostgresStorage(PG_DSN, schema=schema, owner=o) for o in "ab")
