@@ -1,6 +1,8 @@
-"""Tests for RedisStorage against the local Redis (127.0.0.1:6379): the QueueStorage
-contract, leases (claim, renew, release, expiry) with an injected clock, claims by two
-storages at once, pub/sub wake-ups, the layout version, and the connection options.
+"""Tests for what only RedisStorage does, against the local Redis (127.0.0.1:6379): its
+key layout (messages, the due and leases sets, owners), pub/sub wake-ups and their
+connection, open/close and the layout version, the connection options (the original
+app's keys among them) and the durability warnings. The QueueStorage and
+SharedQueueStorage contracts run on it in test_storage.py and test_shared_storage.py.
 
 Each test works under its own key prefix (the ``redis_prefix`` fixture), whose keys
 are deleted afterwards. Without a reachable Redis every test fails: none is skipped.
@@ -16,8 +18,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from storage_helpers import RAW, FakeClock, assert_the_history, make_envelope, write_a_history
 
-from slimta.envelope import Envelope
 from slimta.queue.redis import (
     DEFAULT_URL,
     SCHEMA_VERSION,
@@ -28,43 +30,6 @@ from slimta.queue.redis import (
 )
 
 URL = "redis://127.0.0.1:6379/0"
-
-RAW = (
-    "From: Jörg <jörg@exämple.de>\r\n".encode()
-    + b"Subject: caf\xe9 (latin-1 bytes)\r\n"
-    + b"\r\n"
-    + b"8-bit body \xff\xfe\x00\r\n.\r\nend\r\n"
-)
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        self.now += 1
-        return self.now
-
-
-def make_envelope(raw: bytes = RAW, sender: str = "sender@example.com",
-                  recipients: tuple[str, ...] = ("a@example.org", "b@example.org",
-                                                 "c@example.org")) -> Envelope:
-    env = Envelope(sender, [])
-    for rcpt in recipients:
-        env.add_recipient(rcpt)
-    env.rcpt_params[recipients[0]] = {"notify": ["SUCCESS", "FAILURE"],
-                                      "orcpt": f"rfc822;{recipients[0]}"}
-    env.parse(raw)
-    env.client.update(ip="192.0.2.1", host="client.example.com", name="client",
-                      protocol="ESMTPS", auth=None)
-    env.receiver = "mx.example.net"
-    env.timestamp = 1700000000.5
-    env.ret = "FULL"
-    env.envid = "envid+1"
-    env.smtputf8 = True
-    env.body = "8BITMIME"
-    return env
-
 
 @pytest.fixture(autouse=True)
 def require_redis():
@@ -108,41 +73,7 @@ async def wait_for(event: asyncio.Event, timeout: float = 1.0) -> None:
     event.clear()
 
 
-# --- the QueueStorage contract ------------------------------------------------------
-
-
-async def test_write_get_round_trip_is_byte_exact(store):
-    env = make_envelope()
-    qid = await store.write(env, 1234.5)
-    assert isinstance(qid, str)
-    assert len(qid) == 32 and int(qid, 16) >= 0
-    stored = await store.get(qid)
-    back = stored.envelope
-    assert back is not env
-    assert b"".join(back.flatten()) == RAW
-    for attr in ("sender", "recipients", "client", "receiver", "timestamp", "ret", "envid",
-                 "auth", "rcpt_params", "smtputf8", "body", "message"):
-        assert getattr(back, attr) == getattr(env, attr), attr
-    assert back.headers["From"] == "Jörg <jörg@exämple.de>"
-    assert (stored.attempts, stored.delivered, stored.timestamp) == (0, set(), 1234.5)
-    assert (stored.last_reply, stored.held) == (None, False)
-    assert stored.pending == [(0, "a@example.org"), (1, "b@example.org"), (2, "c@example.org")]
-
-
-async def test_changed_headers_are_stored_and_get_is_fresh(store):
-    env = make_envelope()
-    env.prepend_header("Received", "from client by mx; Mon, 1 Jan 2024 00:00:00 +0000")
-    env.headers["X-Added"] = "ja wöhl"
-    qid = await store.write(env, 0)
-    expected = b"".join(env.flatten())
-    env.recipients.append("late@example.org")
-    first = (await store.get(qid)).envelope
-    assert b"".join(first.flatten()) == expected
-    first.recipients.clear()
-    first.rcpt_params["a@example.org"]["notify"].append("DELAY")
-    second = (await store.get(qid)).envelope
-    assert second.recipients == ["a@example.org", "b@example.org", "c@example.org"]
-    assert second.notify("a@example.org") == ["SUCCESS", "FAILURE"]
+# --- key layout ----------------------------------------------------------------------
 
 
 async def test_key_layout_raw_bytes_and_json_not_pickle(store, raw, redis_prefix):
@@ -167,347 +98,43 @@ async def test_key_layout_raw_bytes_and_json_not_pickle(store, raw, redis_prefix
     assert await store.next_due(0) == 1700000000.123456
 
 
-async def test_metadata_that_is_not_json_is_refused(store):
-    env = make_envelope()
-    env.client["socket"] = object()
-    with pytest.raises(TypeError):
-        await store.write(env, 0)
-    assert await store.list() == []
-
-
-async def test_schedule_attempts_and_results(store):
-    qid = await store.write(make_envelope(), 10.0)
-    await store.set_timestamp(qid, 20.0)
-    assert await store.increment_attempts(qid) == 1
-    assert await store.increment_attempts(qid) == 2
-    await store.set_recipients_delivered(qid, [1])
-    await store.set_recipients_delivered(qid, [1, 2])
-    await store.set_recipients_delivered(qid, [])
-    await store.set_last_reply(qid, "451 4.3.0 try later ünïcode")
-    stored = await store.get(qid)
-    assert stored.timestamp == 20.0
-    assert stored.attempts == 2
-    assert stored.delivered == {1, 2}
-    assert stored.pending == [(0, "a@example.org")]
-    assert stored.last_reply == "451 4.3.0 try later ünïcode"
-    await store.set_last_reply(qid, None)
-    assert (await store.get(qid)).last_reply is None
-
-
-async def test_record_attempt_does_it_all(store):
-    qid = await store.write(make_envelope(), 10.0)
-    assert await store.record_attempt(qid, 310.0, [0], "450 4.2.0 busy") == 1
-    assert await store.record_attempt(qid, 910.0, [2, 0], "451 4.4.1 no answer") == 2
-    stored = await store.get(qid)
-    assert (stored.attempts, stored.delivered, stored.timestamp, stored.last_reply) == (
-        2, {0, 2}, 910.0, "451 4.4.1 no answer")
-    assert await store.record_attempt(qid, 920.0, [], None) == 3
-    assert (await store.get(qid)).last_reply is None
-    assert await store.load() == [(920.0, qid)]
-
-
-async def test_hold_and_release(store):
-    a = await store.write(make_envelope(), 30.0)
-    b = await store.write(make_envelope(), 10.0)
-    c = await store.write(make_envelope(), 20.0)
-    await store.set_held(b, True)
-    assert (await store.get(b)).held is True
-    assert await store.load() == [(20.0, c), (30.0, a)]
-    assert [e.id for e in await store.list()] == [b, c, a]  # held ones are listed
-    assert await store.next_due(0) == 20.0
-    assert await store.claim(100.0, 10, 60.0) == [c, a]  # never the held one
-    await store.set_held(b, False)
-    assert (await store.get(b)).held is False
-    assert await store.load() == [(10.0, b), (20.0, c), (30.0, a)]
-    assert await store.claim(100.0, 10, 60.0) == [b]
-
-
-async def test_load_and_list_order_by_next_attempt_then_arrival(store):
-    ids = [await store.write(make_envelope(), ts) for ts in (5.0, 1.0, 5.0, 3.0, 5.0)]
-    expected = [ids[1], ids[3], ids[0], ids[2], ids[4]]
-    assert [qid for _, qid in await store.load()] == expected
-    assert [e.id for e in await store.list()] == expected
-    await store.set_timestamp(ids[1], 9.0)
-    assert (await store.load())[-1] == (9.0, ids[1])
-
-
-async def test_list_fields(store):
-    qid = await store.write(make_envelope(), 50.0)
-    bounce = await store.write(make_envelope(b"Subject: x\r\n\r\nbody\r\n", sender=""), 60.0)
-    await store.record_attempt(qid, 70.0, [0, 2], "450 4.2.1 mailbox busy")
-    await store.set_held(bounce, True)
-    entries = await store.list()
-    assert [e.id for e in entries] == [bounce, qid]
-    held, entry = entries
-    assert entry.sender == "sender@example.com"
-    assert entry.recipients == ["b@example.org"]  # only those not yet delivered
-    assert entry.attempts == 1
-    assert entry.next_attempt == 70.0
-    assert entry.last_reply == "450 4.2.1 mailbox busy"
-    assert entry.held is False
-    assert entry.size == len(RAW)
-    assert held.sender == ""
-    assert held.held is True
-    assert held.size == len(b"Subject: x\r\n\r\nbody\r\n")
-    assert held.attempts == 0
-    assert held.last_reply is None
-    assert held.created > entry.created > 1000.0  # from the injected clock, in order
-
-
-async def test_stats(store):
-    assert await store.stats() == {"messages": 0, "held": 0, "recipients": 0, "bytes": 0}
-    a = await store.write(make_envelope(), 0)
-    b = await store.write(make_envelope(recipients=("x@example.org",)), 0)
-    await store.set_recipients_delivered(a, [0])
-    await store.set_held(b, True)
-    assert await store.stats() == {
-        "messages": 2, "held": 1, "recipients": 3, "bytes": 2 * len(RAW)}
-
-
-async def test_remove(store, raw, redis_prefix):
-    qid = await store.write(make_envelope(), 0)
-    other_id = await store.write(make_envelope(), 0)
-    leased = await store.write(make_envelope(), 0)
-    await store.set_timestamp(other_id, 5.0)
-    assert await store.claim(1.0, 1, 30.0) in ([qid], [leased])
-    assert await store.remove(qid) is True
-    assert await store.remove(qid) is False
-    assert await store.remove(leased) is True  # a lease is no obstacle, and ends
-    with pytest.raises(KeyError):
-        await store.get(qid)
-    assert [e.id for e in await store.list()] == [other_id]
-    assert await store.load() == [(5.0, other_id)]
-    assert await raw.zcard(f"{redis_prefix}leases") == 0
-    assert await raw.zrange(f"{redis_prefix}due", 0, -1) == [other_id.encode()]
-    assert await raw.exists(f"{redis_prefix}msg:{qid}", f"{redis_prefix}msg:{leased}") == 0
-
-
-async def test_missing_ids(store):
-    missing = "0" * 32
-    with pytest.raises(KeyError):
-        await store.get(missing)
-    for call in (store.set_timestamp(missing, 1.0), store.increment_attempts(missing),
-                 store.set_recipients_delivered(missing, [0]),
-                 store.set_last_reply(missing, "x"), store.set_last_reply(missing, None),
-                 store.set_held(missing, True), store.set_held(missing, False),
-                 store.record_attempt(missing, 1.0, [0], "x")):
-        with pytest.raises(KeyError):
-            await call
-    assert await store.remove(missing) is False
-    assert await store.release(missing) is None
-    assert await store.renew([missing], 1.0, 30.0) == []
-    assert await store.list() == []  # no half-made hash was left behind
-
-
-async def test_concurrent_writes_are_all_readable(store):
-    def env(n: int) -> Envelope:
-        return make_envelope(b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n),
-                             recipients=(f"r{n}@example.org",))
-
-    ids = await asyncio.gather(*(store.write(env(n), float(n)) for n in range(100)))
-    assert len(set(ids)) == 100
-    stored = await asyncio.gather(*(store.get(qid) for qid in ids))
-    for n, message in enumerate(stored):
-        assert message.envelope.recipients == [f"r{n}@example.org"]
-        assert b"".join(message.envelope.flatten()) == b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n)
-    assert [qid for _, qid in await store.load()] == ids
-    assert (await store.stats())["messages"] == 100
-
-
 # --- leases ---------------------------------------------------------------------------
 
 
-async def test_claim_takes_due_messages_oldest_first_up_to_limit(store, raw, redis_prefix):
-    late = await store.write(make_envelope(), 300.0)
+async def test_leases_are_kept_in_the_leases_set_and_the_owner_field(store, other, raw,
+                                                                     redis_prefix):
+    def key(name: str) -> str:
+        return f"{redis_prefix}{name}"
+
     first = await store.write(make_envelope(), 100.0)
     second = await store.write(make_envelope(), 200.0)
-    assert await store.claim(99.0, 10, 30.0) == []
-    assert await store.claim(250.0, 1, 30.0) == [first]
-    assert await store.claim(250.0, 0, 30.0) == []
-    assert await store.claim(250.0, 10, 30.0) == [second]
-    assert await store.claim(250.0, 10, 30.0) == []  # leased already
-    assert sorted(await raw.zrange(f"{redis_prefix}leases", 0, -1, withscores=True)) == sorted(
+    assert await store.claim(250.0, 10, 30.0) == [first, second]
+    assert sorted(await raw.zrange(key("leases"), 0, -1, withscores=True)) == sorted(
         [(first.encode(), 280.0), (second.encode(), 280.0)])
-    assert await raw.hget(f"{redis_prefix}msg:{first}", "owner") == b"host-a"
-    # leased messages are still loaded and listed
-    assert [qid for _, qid in await store.load()] == [first, second, late]
-    assert [e.id for e in await store.list()] == [first, second, late]
-
-
-async def test_claims_in_parallel_give_each_message_to_one_owner(store, other, raw,
-                                                                  redis_prefix):
-    ids = await asyncio.gather(*(store.write(make_envelope(), float(n % 7))
-                                 for n in range(200)))
-    claims = [(s, s.claim(10.0, 7, 60.0)) for _ in range(20) for s in (store, other)]
-    results = await asyncio.gather(*(c for _, c in claims))
-    claimed = [qid for got in results for qid in got]
-    assert sorted(claimed) == sorted(ids)  # each exactly once
-    assert len(set(claimed)) == 200
-    for (owner, _), got in zip(claims, results, strict=True):
-        for qid in got:
-            assert await raw.hget(f"{redis_prefix}msg:{qid}", "owner") == owner.owner.encode()
-    assert {len(got) for got in results} <= set(range(8))
-    assert sum(map(len, results[0::2])) > 0 and sum(map(len, results[1::2])) > 0
-    assert await store.claim(10.0, 100, 60.0) == [] == await other.claim(10.0, 100, 60.0)
-
-
-async def test_a_lease_that_ran_out_is_recovered_and_claimed_by_another(store, other, raw,
-                                                                         redis_prefix):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 10, 30.0) == [qid]
-    assert await other.claim(110.0, 10, 30.0) == []
-    assert await other.claim(129.5, 10, 30.0) == []
-    assert await other.next_due(129.5) == 130.0  # when the lease runs out
-    assert await other.claim(130.0, 10, 30.0) == [qid]  # over at its expiry
-    assert await raw.hget(f"{redis_prefix}msg:{qid}", "owner") == b"host-b"
-    assert await raw.zscore(f"{redis_prefix}leases", qid) == 160.0
-    # the first host comes back: its lease is lost
-    assert await store.renew([qid], 131.0, 30.0) == []
-    await store.release(qid)  # not its lease: nothing happens
-    assert await raw.hget(f"{redis_prefix}msg:{qid}", "owner") == b"host-b"
-    assert await other.renew([qid], 131.0, 30.0) == [qid]
-
-
-async def test_recovery_puts_the_message_back_at_its_own_time(store, other):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 10, 30.0) == [qid]
-    await store.set_timestamp(qid, 500.0)  # stays leased meanwhile
-    assert await other.claim(120.0, 10, 30.0) == []
-    assert await other.claim(200.0, 10, 30.0) == []  # recovered, but due only at 500
-    assert await other.next_due(200.0) == 500.0
-    assert await other.claim(500.0, 10, 30.0) == [qid]
-
-
-async def test_recovery_of_a_held_message_leaves_it_held(store, other):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 10, 30.0) == [qid]
-    await store.set_held(qid, True)
-    assert await other.claim(1000.0, 10, 30.0) == []
-    assert await other.next_due(1000.0) is None  # the lease was recovered, the message held
-    await store.set_held(qid, False)
-    assert await other.claim(1000.0, 10, 30.0) == [qid]
-
-
-async def test_renew_extends_only_this_owners_live_leases(store, other, raw, redis_prefix):
-    ids = [await store.write(make_envelope(), 100.0) for _ in range(3)]
-    mine = await store.claim(100.0, 2, 10.0)
-    theirs = await other.claim(100.0, 10, 10.0)
-    assert len(mine) == 2 and len(theirs) == 1
-    assert sorted([*mine, *theirs]) == sorted(ids)
-    assert await store.renew([], 105.0, 10.0) == []
-    assert sorted(await store.renew([*mine, *theirs], 105.0, 10.0)) == sorted(mine)
-    assert await raw.zscore(f"{redis_prefix}leases", mine[0]) == 115.0
-    assert await raw.zscore(f"{redis_prefix}leases", theirs[0]) == 110.0  # untouched
-    assert await other.claim(112.0, 10, 10.0) == [theirs[0]]  # its own ran out: reclaimed
-    assert await other.claim(114.9, 10, 10.0) == []  # ours were extended
-    assert await other.claim(115.0, 10, 10.0) == sorted(mine)
-    assert await store.renew(mine, 116.0, 10.0) == []
-    await other.remove(mine[0])
-    assert await other.renew(mine, 116.0, 10.0) == [mine[1]]
-
-
-async def test_renew_of_a_lease_that_ran_out_fails_even_if_nobody_took_it(store):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 1, 10.0) == [qid]
-    assert await store.renew([qid], 109.0, 10.0) == [qid]  # now until 119
-    assert await store.renew([qid], 119.0, 10.0) == []
-    assert await store.claim(119.0, 1, 10.0) == [qid]
-
-
-async def test_release_makes_the_message_due_again(store, other):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 1, 60.0) == [qid]
-    await other.release(qid)  # not other's lease
-    assert await other.claim(101.0, 1, 60.0) == []
-    await store.release(qid)
-    assert await other.next_due(101.0) == 100.0
-    assert await other.claim(101.0, 1, 60.0) == [qid]
-    await other.release(qid, 400.0)
-    assert (await other.get(qid)).timestamp == 400.0
-    assert await store.claim(399.0, 1, 60.0) == []
-    assert await store.claim(400.0, 1, 60.0) == [qid]
-    await store.set_held(qid, True)
-    await store.release(qid)
-    assert await store.next_due(1000.0) is None  # released but held
-
-
-async def test_record_attempt_and_remove_end_any_lease(store, other, raw, redis_prefix):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 1, 60.0) == [qid]
-    assert await other.record_attempt(qid, 200.0, [1], "451 later") == 1
-    assert await raw.zcard(f"{redis_prefix}leases") == 0
-    assert await raw.hget(f"{redis_prefix}msg:{qid}", "owner") is None
-    assert await store.renew([qid], 101.0, 60.0) == []
-    assert await other.next_due(101.0) == 200.0
-    assert await other.claim(200.0, 1, 60.0) == [qid]
-    await store.set_held(qid, True)  # held during the attempt
-    assert await other.record_attempt(qid, 300.0, [], "451 again") == 2
-    assert await store.next_due(1000.0) is None
-    assert await store.claim(1000.0, 10, 60.0) == []
-
-
-async def test_set_timestamp_of_a_leased_message_keeps_the_lease(store, other):
-    qid = await store.write(make_envelope(), 100.0)
-    assert await store.claim(100.0, 1, 60.0) == [qid]
-    await other.set_timestamp(qid, 50.0)
-    assert await other.claim(100.0, 1, 60.0) == []
-    assert await other.load() == [(50.0, qid)]
-
-
-async def test_next_due(store):
-    assert await store.next_due(0.0) is None
-    a = await store.write(make_envelope(), 300.0)
-    b = await store.write(make_envelope(), 200.0)
-    assert await store.next_due(0.0) == 200.0
-    assert await store.next_due(250.0) == 200.0  # overdue: claim at once
-    assert await store.claim(250.0, 1, 500.0) == [b]
-    assert await store.next_due(250.0) == 300.0  # b's lease runs until 750
-    assert await store.claim(300.0, 1, 100.0) == [a]
-    assert await store.next_due(300.0) == 400.0  # a's lease expiry
-    await store.set_held(b, True)
-    assert await store.next_due(300.0) == 400.0
-    await store.remove(a)
-    assert await store.next_due(300.0) == 750.0  # b's lease, though b is held
-    await store.record_attempt(b, 900.0, [], None)
-    assert await store.next_due(300.0) is None
-
+    assert await raw.hget(key(f"msg:{first}"), "owner") == b"host-a"
+    assert await raw.zcard(key("due")) == 0  # a leased message is not in due
+    # renew moves the expiry of this owner's live leases only
+    assert await store.renew([first], 270.0, 30.0) == [first]
+    assert await raw.zscore(key("leases"), first) == 300.0
+    assert await raw.zscore(key("leases"), second) == 280.0
+    # another owner takes a lease that ran out over; the old holder's release does nothing
+    assert await other.claim(280.0, 10, 30.0) == [second]
+    await store.release(second)
+    assert await raw.hget(key(f"msg:{second}"), "owner") == b"host-b"
+    assert await raw.zscore(key("leases"), second) == 310.0
+    # record_attempt ends it: no owner, out of leases, back in due at its next attempt
+    assert await other.record_attempt(second, 400.0, [1], "451 later") == 1
+    assert await raw.hget(key(f"msg:{second}"), "owner") is None
+    assert await raw.zscore(key("leases"), second) is None
+    assert await raw.zscore(key("due"), second) == 400.0
+    # remove deletes every key of a leased message
+    assert await store.remove(first) is True
+    assert await raw.zcard(key("leases")) == 0
+    assert await raw.exists(key(f"msg:{first}")) == 0
+    assert await raw.zscore(key("messages"), first) is None
+    assert await raw.zrange(key("due"), 0, -1) == [second.encode()]
 
 # --- wake-ups -------------------------------------------------------------------------
-
-
-async def test_changes_by_another_storage_wake_the_watcher(redis_prefix, other):
-    woke = asyncio.Event()
-    watcher = RedisStorage(prefix=redis_prefix, owner="watcher")
-    watcher.watch(woke.set)
-    await watcher.open()
-    try:
-        qid = await other.write(make_envelope(), 100.0)
-        await wait_for(woke)
-        await other.set_timestamp(qid, 50.0)
-        await wait_for(woke)
-        await other.set_held(qid, True)
-        await other.set_held(qid, False)
-        await wait_for(woke)
-        assert await other.claim(100.0, 1, 30.0) == [qid]
-        await asyncio.sleep(0.1)
-        woke.clear()
-        await other.release(qid)
-        await wait_for(woke)
-        # its own changes wake it too
-        await watcher.write(make_envelope(), 0.0)
-        await wait_for(woke)
-        # what does not make a message due does not publish
-        await asyncio.sleep(0.1)
-        woke.clear()
-        await other.record_attempt(qid, 500.0, [], None)
-        await other.increment_attempts(qid)
-        await other.set_held(qid, True)
-        await other.remove(qid)
-        with pytest.raises(asyncio.TimeoutError):
-            await wait_for(woke, 0.3)
-    finally:
-        await watcher.close()
-    assert watcher._watcher is None
 
 
 async def test_watch_after_open_subscribes_too(store, other):
@@ -561,6 +188,7 @@ async def test_a_failing_wake_callback_does_not_stop_the_watcher(redis_prefix, o
         assert len(calls) == 2
     finally:
         await watcher.close()
+    assert watcher._watcher is None  # close stops the watcher
 
 
 # --- open, close, versions ---------------------------------------------------------------
@@ -569,10 +197,7 @@ async def test_a_failing_wake_callback_does_not_stop_the_watcher(redis_prefix, o
 async def test_data_survives_close_and_reopen(redis_prefix):
     first = RedisStorage(prefix=redis_prefix, owner="a")
     await first.open()
-    qid = await first.write(make_envelope(), 42.0)
-    gone = await first.write(make_envelope(), 43.0)
-    await first.record_attempt(qid, 300.0, [1], "451 later")
-    await first.remove(gone)
+    qid = await write_a_history(first)
     leased = await first.write(make_envelope(), 10.0)
     assert await first.claim(10.0, 1, 100.0) == [leased]
     await first.close()
@@ -589,11 +214,7 @@ async def test_data_survives_close_and_reopen(redis_prefix):
     again = RedisStorage(prefix=redis_prefix, owner="a")
     await again.open()
     try:
-        stored = await again.get(qid)
-        assert b"".join(stored.envelope.flatten()) == RAW
-        assert stored.envelope.rcpt_params == make_envelope().rcpt_params
-        assert (stored.attempts, stored.delivered, stored.timestamp, stored.last_reply) == (
-            1, {1}, 300.0, "451 later")
+        await assert_the_history(again, qid)
         assert await again.load() == [(10.0, leased), (300.0, qid)]
         assert await again.renew([leased], 50.0, 100.0) == [leased]  # the lease is kept
     finally:

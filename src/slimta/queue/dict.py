@@ -207,17 +207,20 @@ class SharedDictStorage(DictStorage, SharedQueueStorage):
         return ids
 
     async def renew(self, ids: list[str], now: float, lease: float) -> list[str]:
-        kept = [id for id in ids if self._leases.get(id, ("", 0.0))[0] == self.owner]
+        # only live leases: one is over at its expiry, even if nobody took it since
+        kept = [id for id in ids
+                if self._leases.get(id, ("", 0.0))[0] == self.owner and self._leased(id, now)]
         for id in kept:
             self._leases[id] = (self.owner, now + lease)
         return kept
 
     async def release(self, id: str, timestamp: float | None = None) -> None:
-        entry = self._entry(id)
-        if self._leases.get(id, ("", 0.0))[0] == self.owner:
-            del self._leases[id]
+        # nothing to do without a lease of this owner's (another's, none, no message)
+        if self._leases.get(id, ("", 0.0))[0] != self.owner:
+            return
+        del self._leases[id]
         if timestamp is not None:
-            entry.timestamp = float(timestamp)
+            self._entry(id).timestamp = float(timestamp)
         self._notify()
 
     async def next_due(self, now: float) -> float | None:

@@ -378,9 +378,10 @@ class PostgresStorage(SharedQueueStorage):
                 " FROM due WHERE m.id = due.id RETURNING m.id, m.timestamp, m.seq)"
                 " SELECT id FROM claimed ORDER BY timestamp, seq"
             ),
+            # only live leases: one is over at its expiry, even if nobody took it since
             "renew": (
                 "UPDATE {s}.messages SET lease_until = %s"
-                " WHERE id = ANY(%s) AND lease_owner = %s RETURNING id"
+                " WHERE id = ANY(%s) AND lease_owner = %s AND lease_until > %s RETURNING id"
             ),
             "release": (
                 "WITH u AS (UPDATE {s}.messages SET lease_owner = NULL, lease_until = NULL,"
@@ -737,10 +738,15 @@ class PostgresStorage(SharedQueueStorage):
         return [id for id, in rows]
 
     async def renew(self, ids: list[str], now: float, lease: float) -> list[str]:
-        """Extend this owner's leases on ``ids`` to ``now + lease``; the ids still held."""
+        """Extend this owner's leases on ``ids`` to ``now + lease``; the ids still held.
+
+        A lease that ran out (expiry at or before ``now``) is not renewed, even
+        when nobody claimed the message since.
+        """
         if not ids:
             return []
-        rows = await self._fetch("renew", (float(now) + float(lease), list(ids), self.owner))
+        rows = await self._fetch("renew", (float(now) + float(lease), list(ids), self.owner,
+                                           float(now)))
         held = {id for id, in rows}
         return [id for id in ids if id in held]
 

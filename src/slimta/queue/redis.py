@@ -320,6 +320,38 @@ end
 return 1
 """
 
+# KEYS: due, leases. ARGV: now, message key prefix. When a claim can next succeed,
+# as the stored text of that time (exact), or false: the earliest next attempt of
+# a message in `due`; for a leased message that is not held, its next attempt if
+# the lease ran out (not yet recovered), else the later of expiry and next attempt.
+# Leases are read in expiry order, only until one expires after the best time.
+_NEXT_DUE = """
+local now = tonumber(ARGV[1])
+local best, best_text = nil, false
+local function offer(text)
+  local t = tonumber(text)
+  if best == nil or t < best then best, best_text = t, text end
+end
+local due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if due[2] then offer(due[2]) end
+local start = 0
+while true do
+  local leases = redis.call('ZRANGE', KEYS[2], start, start + 99, 'WITHSCORES')
+  if #leases == 0 then break end
+  for n = 1, #leases, 2 do
+    local expiry = tonumber(leases[n + 1])
+    if expiry > now and best ~= nil and expiry >= best then return best_text end
+    local st = redis.call('HMGET', ARGV[2] .. leases[n], 'timestamp', 'held')
+    if st[1] and st[2] == '0' then
+      if expiry > now and expiry > tonumber(st[1]) then offer(leases[n + 1])
+      else offer(st[1]) end
+    end
+  end
+  start = start + 100
+end
+return best_text
+"""
+
 
 def _default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -479,7 +511,7 @@ class RedisStorage(SharedQueueStorage):
                 ("increment", _INCREMENT), ("set_delivered", _SET_DELIVERED),
                 ("set_last_reply", _SET_LAST_REPLY), ("set_held", _SET_HELD),
                 ("record_attempt", _RECORD_ATTEMPT), ("claim", _CLAIM),
-                ("renew", _RENEW), ("release", _RELEASE),
+                ("renew", _RENEW), ("release", _RELEASE), ("next_due", _NEXT_DUE),
             )
         }
         self._open = True
@@ -821,14 +853,12 @@ class RedisStorage(SharedQueueStorage):
 
     async def next_due(self, now: float) -> float | None:
         """When the next claim could succeed: the earliest next attempt of a message that
-        is neither held nor leased, or the earliest lease expiry; None if there is
-        neither. A time before ``now`` is returned as it is (claim at once)."""
-        async with self._client().pipeline(transaction=True) as pipe:
-            pipe.zrange(self._due, 0, 0, withscores=True)
-            pipe.zrange(self._leases, 0, 0, withscores=True)
-            due, leases = await pipe.execute()
-        times = [float(score) for _member, score in (*due, *leases)]
-        return min(times) if times else None
+        is not held, or for a leased one the end of its lease if its next attempt comes
+        earlier; None when every queued message is held (leased or not). A time
+        before ``now`` is returned as it is (claim at once)."""
+        due = await self._script("next_due")(
+            keys=[self._due, self._leases], args=[_num(now), self._msg_prefix])
+        return None if due is None else float(due)
 
 
 async def _close_client(client: Any) -> None:
