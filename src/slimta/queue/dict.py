@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
-from slimta.queue.storage import QueueEntry, QueueStorage, SharedQueueStorage, StoredMessage
+from slimta.queue.storage import (
+    QueueEntry,
+    QueueStorage,
+    SharedQueueStorage,
+    StoredMessage,
+    history_with,
+)
 
 __all__ = ["DictStorage", "SharedDictStorage"]
 
@@ -34,6 +40,7 @@ class _Entry:
     delivered: set[int] = field(default_factory=set)
     last_reply: str | None = None
     held: bool = False
+    history: list[tuple[float, str | None]] = field(default_factory=list)
 
 
 class DictStorage(QueueStorage):
@@ -76,6 +83,7 @@ class DictStorage(QueueStorage):
             timestamp=entry.timestamp,
             last_reply=entry.last_reply,
             held=entry.held,
+            history=list(entry.history),
         )
 
     async def set_timestamp(self, id: str, timestamp: float) -> None:
@@ -95,12 +103,18 @@ class DictStorage(QueueStorage):
     async def set_held(self, id: str, held: bool) -> None:
         self._entry(id).held = bool(held)
 
+    async def append_history(self, id: str, attempted_at: float, reply: str | None) -> None:
+        entry = self._entry(id)
+        entry.history = history_with(entry.history, attempted_at, reply)
+
     async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
-                             last_reply: str | None) -> int:
+                             last_reply: str | None, attempted_at: float | None = None) -> int:
         entry = self._entry(id)
         entry.delivered.update(int(i) for i in delivered)
         entry.attempts += 1
         entry.last_reply = last_reply
+        if attempted_at is not None:
+            entry.history = history_with(entry.history, attempted_at, last_reply)
         entry.timestamp = float(timestamp)
         return entry.attempts
 
@@ -190,8 +204,9 @@ class SharedDictStorage(DictStorage, SharedQueueStorage):
             self._notify()
 
     async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
-                             last_reply: str | None) -> int:
-        attempts = await super().record_attempt(id, timestamp, delivered, last_reply)
+                             last_reply: str | None, attempted_at: float | None = None) -> int:
+        attempts = await super().record_attempt(id, timestamp, delivered, last_reply,
+                                                attempted_at)
         self._leases.pop(id, None)
         return attempts
 

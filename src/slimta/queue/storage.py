@@ -2,8 +2,9 @@
 
 A storage keeps each queued message (its raw bytes and JSON metadata, never
 pickle) under an id it chooses, with the time of its next attempt, how many
-attempts were made, which recipients were delivered, the last reply and
-whether it is held. Every method is a coroutine; when ``write`` returns, the
+attempts were made, which recipients were delivered, the last reply, a
+short history of attempts (:data:`HISTORY_LIMIT` entries at most) and whether
+it is held. Every method is a coroutine; when ``write`` returns, the
 message is durable (as far as the storage promises: SqliteStorage survives
 power loss, DictStorage nothing).
 """
@@ -16,8 +17,17 @@ from dataclasses import dataclass, field
 
 from slimta.envelope import Envelope
 
-__all__ = ["QueueEntry", "QueueStorage", "SharedQueueStorage", "StorageVersionError",
-           "StoredMessage"]
+__all__ = ["HISTORY_LIMIT", "QueueEntry", "QueueStorage", "SharedQueueStorage",
+           "StorageVersionError", "StoredMessage", "history_with"]
+
+#: How many attempts a message's history keeps: the most recent ones.
+HISTORY_LIMIT = 20
+
+
+def history_with(history: list[tuple[float, str | None]], attempted_at: float,
+                 reply: str | None) -> list[tuple[float, str | None]]:
+    """``history`` with ``(attempted_at, reply)`` appended, trimmed to :data:`HISTORY_LIMIT`."""
+    return [*history, (float(attempted_at), reply)][-HISTORY_LIMIT:]
 
 
 class StorageVersionError(RuntimeError):
@@ -43,6 +53,8 @@ class StoredMessage:
 
     ``envelope`` has all its original recipients; ``delivered`` holds the
     indexes (into ``envelope.recipients``) of those already delivered.
+    ``history`` holds ``(when the attempt ended, its reply)`` of the last
+    :data:`HISTORY_LIMIT` attempts recorded with a time, oldest first.
     """
 
     envelope: Envelope
@@ -51,6 +63,7 @@ class StoredMessage:
     timestamp: float = 0.0
     last_reply: str | None = None
     held: bool = False
+    history: list[tuple[float, str | None]] = field(default_factory=list)
 
     @property
     def pending(self) -> list[tuple[int, str]]:
@@ -111,17 +124,30 @@ class QueueStorage(ABC):
         """Hold a message (never attempted until released) or release it."""
 
     async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
-                             last_reply: str | None) -> int:
+                             last_reply: str | None, attempted_at: float | None = None) -> int:
         """After an attempt that leaves the message queued: all of the above at once.
 
+        With ``attempted_at`` (when the attempt ended), ``(attempted_at,
+        last_reply)`` is also appended to the message's history, which keeps
+        the last :data:`HISTORY_LIMIT` entries (see :meth:`append_history`).
         Returns the new attempt count. Storages override it to write once.
         """
         if delivered:
             await self.set_recipients_delivered(id, delivered)
         attempts = await self.increment_attempts(id)
         await self.set_last_reply(id, last_reply)
+        if attempted_at is not None:
+            await self.append_history(id, attempted_at, last_reply)
         await self.set_timestamp(id, timestamp)
         return attempts
+
+    async def append_history(self, id: str, attempted_at: float,  # noqa: B027 - optional
+                             reply: str | None) -> None:
+        """Append ``(attempted_at, reply)`` to the history of ``id``, trimmed to the limit.
+
+        Used by the default :meth:`record_attempt`; this default keeps no
+        history (every storage shipped with slimta overrides ``record_attempt``).
+        """
 
     @abstractmethod
     async def remove(self, id: str) -> bool:
