@@ -329,7 +329,7 @@ async def test_schema_tables_and_indexes(storage):
         " AND table_name = 'messages' ORDER BY ordinal_position", (s,))]
     assert columns == ["id", "seq", "timestamp", "attempts", "delivered", "last_reply", "held",
                        "created", "size", "recipients", "lease_owner", "lease_until", "meta",
-                       "data"]
+                       "data", "history"]
     assert sql(f'SELECT application, version FROM "{s}".schema_version') == [
         ("slimta-queue", SCHEMA_VERSION)]
     indexes = {r[0] for r in sql("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (s,))}
@@ -392,6 +392,33 @@ async def test_open_migrates_an_older_schema_and_keeps_its_messages(make_storage
     assert sql(f'SELECT version FROM "{schema}".schema_version') == [(SCHEMA_VERSION + 1,)]
     with pytest.raises(StorageVersionError):  # and now this slimta is the older one
         await (await make_storage(open=False)).open()
+
+
+async def test_a_version_1_schema_gains_an_empty_history(make_storage, schema):
+    assert SCHEMA_VERSION == 2
+
+    class Version1Storage(PostgresStorage):
+        migrations = MIGRATIONS[:1]
+
+    old = Version1Storage(DSN, schema=schema)
+    await old.open()
+    try:
+        qid = await old.write(make_envelope(), 5.0)
+        await old.record_attempt(qid, 6.0, [1], "451 later")
+    finally:
+        await old.close()
+    assert sql(f'SELECT version FROM "{schema}".schema_version') == [(1,)]
+    assert sql("SELECT count(*) FROM information_schema.columns WHERE table_schema = %s"
+               " AND table_name = 'messages' AND column_name = 'history'", (schema,)) == [(0,)]
+
+    new = await make_storage()
+    stored = await new.get(qid)
+    assert (stored.attempts, stored.delivered, stored.last_reply, stored.history) == (
+        1, {1}, "451 later", [])
+    assert b"".join(stored.envelope.flatten()) == RAW
+    await new.record_attempt(qid, 7.0, [], "451 again", attempted_at=6.5)
+    assert (await new.get(qid)).history == [(6.5, "451 again")]
+    assert sql(f'SELECT version FROM "{schema}".schema_version') == [(SCHEMA_VERSION,)]
 
 
 async def test_migrate_is_all_or_nothing(pg_dsn, schema):

@@ -15,8 +15,10 @@ Schema
         the message has), ``lease_owner`` and ``lease_until`` (the delivery
         lease, both NULL when there is none), ``meta`` (the JSON metadata of
         :mod:`slimta.queue.record`, as ``text``: its exact ASCII form, which
-        keeps escapes such as lone surrogates that ``jsonb`` refuses) and
-        ``data`` (``bytea``: the raw message). No pickle. The partial index
+        keeps escapes such as lone surrogates that ``jsonb`` refuses),
+        ``data`` (``bytea``: the raw message) and ``history`` (``jsonb``: a
+        list of ``[time, reply]`` of the last attempts, oldest first; added
+        by schema version 2). No pickle. The partial index
         ``messages_due`` on ``(timestamp, seq) WHERE NOT held`` serves the
         claim query, ``load`` and ``list``; ``messages_leased`` on
         ``lease_until`` serves :meth:`~PostgresStorage.next_due`.
@@ -107,7 +109,7 @@ from psycopg_pool import AsyncConnectionPool
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
 from slimta.queue.sqlite import StorageVersionError
-from slimta.queue.storage import QueueEntry, SharedQueueStorage, StoredMessage
+from slimta.queue.storage import HISTORY_LIMIT, QueueEntry, SharedQueueStorage, StoredMessage
 
 __all__ = ["APPLICATION", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStorage",
            "StorageVersionError", "migrate"]
@@ -148,10 +150,17 @@ async def _create_v1(conn: psycopg.AsyncConnection, schema: sql.Identifier) -> N
     ).format(s=schema))
 
 
+async def _add_history_v2(conn: psycopg.AsyncConnection, schema: sql.Identifier) -> None:
+    """Version 1 to 2: the attempt history (an empty list for the messages already queued)."""
+    await conn.execute(sql.SQL(
+        "ALTER TABLE {s}.messages ADD COLUMN history jsonb NOT NULL DEFAULT '[]'"
+    ).format(s=schema))
+
+
 #: The schema migrations: ``MIGRATIONS[n]`` turns a version ``n`` schema into
 #: version ``n + 1``. Each is a coroutine function ``step(conn, schema)`` run
 #: inside the one transaction of the upgrade (``schema`` is the quoted name).
-MIGRATIONS: Sequence[_Step] = (_create_v1,)
+MIGRATIONS: Sequence[_Step] = (_create_v1, _add_history_v2)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -316,7 +325,7 @@ class PostgresStorage(SharedQueueStorage):
 
     @staticmethod
     def _statements(s: sql.Identifier) -> dict[str, sql.Composed]:
-        cols = "meta, data, attempts, delivered, timestamp, last_reply, held"
+        cols = "meta, data, attempts, delivered, timestamp, last_reply, held, history"
         due = ("NOT held AND timestamp <= %(now)s"
                " AND (lease_until IS NULL OR lease_until <= %(now)s)")
         text = {
@@ -356,6 +365,18 @@ class PostgresStorage(SharedQueueStorage):
                 " unnest(delivered || %s::int4[]) AS i ORDER BY i),"
                 " attempts = attempts + 1, last_reply = %s, timestamp = %s,"
                 " lease_owner = NULL, lease_until = NULL WHERE id = %s RETURNING attempts"
+            ),
+            # the same, appending the entry (a one-entry jsonb list) to the history
+            # and keeping its last HISTORY_LIMIT entries
+            "record_attempt_history": (
+                "UPDATE {s}.messages SET delivered = ARRAY(SELECT DISTINCT i FROM"
+                " unnest(delivered || %s::int4[]) AS i ORDER BY i),"
+                " attempts = attempts + 1, last_reply = %s, timestamp = %s,"
+                " lease_owner = NULL, lease_until = NULL,"
+                " history = (SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb) FROM"
+                " jsonb_array_elements(history || %s::jsonb) WITH ORDINALITY AS h(e, n)"
+                f" WHERE n > jsonb_array_length(history) + 1 - {int(HISTORY_LIMIT)})"
+                " WHERE id = %s RETURNING attempts"
             ),
             "remove": "DELETE FROM {s}.messages WHERE id = %s RETURNING id",
             "load": (
@@ -652,7 +673,7 @@ class PostgresStorage(SharedQueueStorage):
 
     async def get(self, id: str) -> StoredMessage:
         """The message ``id``; KeyError if there is none."""
-        meta, data, attempts, delivered, timestamp, last_reply, held = await self._one(
+        meta, data, attempts, delivered, timestamp, last_reply, held, history = await self._one(
             "get", id, (id,))
         return StoredMessage(
             envelope=envelope_from_record(json.loads(meta), data),
@@ -661,6 +682,7 @@ class PostgresStorage(SharedQueueStorage):
             timestamp=timestamp,
             last_reply=last_reply,
             held=held,
+            history=[(float(t), reply) for t, reply in history],
         )
 
     async def set_timestamp(self, id: str, timestamp: float) -> None:
@@ -687,10 +709,18 @@ class PostgresStorage(SharedQueueStorage):
             await self._one("unhold", id, (id, self.channel))
 
     async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
-                             last_reply: str | None) -> int:
-        """Record an attempt's results in one statement and end any lease; the new count."""
-        return (await self._one("record_attempt", id, (
-            [int(i) for i in delivered], last_reply, float(timestamp), id)))[0]
+                             last_reply: str | None, attempted_at: float | None = None) -> int:
+        """Record an attempt's results in one statement and end any lease; the new count.
+
+        With ``attempted_at``, ``(attempted_at, last_reply)`` joins the history.
+        """
+        indexes = [int(i) for i in delivered]
+        if attempted_at is None:
+            return (await self._one("record_attempt", id, (
+                indexes, last_reply, float(timestamp), id)))[0]
+        entry = json.dumps([[float(attempted_at), last_reply]])
+        return (await self._one("record_attempt_history", id, (
+            indexes, last_reply, float(timestamp), entry, id)))[0]
 
     async def remove(self, id: str) -> bool:
         """Delete the message (and so its lease); False if there was none."""

@@ -34,7 +34,9 @@ Format
     One table, ``messages``: ``id`` (uuid4 hex), ``timestamp`` (next attempt),
     ``attempts``, ``delivered`` (JSON list of recipient indexes),
     ``last_reply``, ``held``, ``created``, ``size``, ``meta`` (the JSON
-    metadata of :mod:`slimta.queue.record`) and ``data`` (the raw message).
+    metadata of :mod:`slimta.queue.record`), ``data`` (the raw message) and
+    ``history`` (a JSON list of ``[time, reply]``, the last attempts; added by
+    schema version 2).
     No pickle. The schema version is ``PRAGMA user_version`` and the file is
     marked with ``PRAGMA application_id`` (:data:`APPLICATION_ID`). At open,
     the steps of :data:`MIGRATIONS` that the file lacks (step ``n`` turns
@@ -65,7 +67,13 @@ from typing import Any
 
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
-from slimta.queue.storage import QueueEntry, QueueStorage, StorageVersionError, StoredMessage
+from slimta.queue.storage import (
+    QueueEntry,
+    QueueStorage,
+    StorageVersionError,
+    StoredMessage,
+    history_with,
+)
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStorage",
            "StorageVersionError", "migrate"]
@@ -94,10 +102,16 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX messages_schedule ON messages (held, timestamp)")
 
 
+def _add_history_v2(conn: sqlite3.Connection) -> None:
+    """Version 1 to 2: the attempt history, a JSON list of ``[time, reply]`` (empty for old
+    messages)."""
+    conn.execute("ALTER TABLE messages ADD COLUMN history TEXT NOT NULL DEFAULT '[]'")
+
+
 #: The schema migrations: ``MIGRATIONS[n]`` turns a version ``n`` database into
 #: version ``n + 1``. Each step runs inside the one transaction of the
 #: upgrade, so it must use ``execute`` only (``executescript`` would commit).
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_create_v1,)
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_create_v1, _add_history_v2)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -182,14 +196,27 @@ def _op_set_delivered(conn: sqlite3.Connection, id: str, indexes: list[int]) -> 
     conn.execute("UPDATE messages SET delivered = ? WHERE id = ?", (delivered, id))
 
 
+def _history(text: str) -> list[tuple[float, str | None]]:
+    return [(float(t), reply) for t, reply in json.loads(text)]
+
+
 def _op_record_attempt(conn: sqlite3.Connection, id: str, timestamp: float, indexes: list[int],
-                       last_reply: str | None) -> int:
+                       last_reply: str | None, attempted_at: float | None) -> int:
     delivered, attempts = _merge_delivered(conn, id, indexes)
     attempts += 1
+    if attempted_at is None:
+        conn.execute(
+            "UPDATE messages SET delivered = ?, attempts = ?, last_reply = ?, timestamp = ?"
+            " WHERE id = ?",
+            (delivered, attempts, last_reply, timestamp, id),
+        )
+        return attempts
+    old = conn.execute("SELECT history FROM messages WHERE id = ?", (id,)).fetchone()[0]
+    history = json.dumps(history_with(_history(old), attempted_at, last_reply))
     conn.execute(
-        "UPDATE messages SET delivered = ?, attempts = ?, last_reply = ?, timestamp = ?"
-        " WHERE id = ?",
-        (delivered, attempts, last_reply, timestamp, id),
+        "UPDATE messages SET delivered = ?, attempts = ?, last_reply = ?, timestamp = ?,"
+        " history = ? WHERE id = ?",
+        (delivered, attempts, last_reply, timestamp, history, id),
     )
     return attempts
 
@@ -213,13 +240,13 @@ _ONE_STATEMENT = frozenset(
 
 def _read_get(conn: sqlite3.Connection, id: str) -> StoredMessage:
     row = conn.execute(
-        "SELECT meta, data, attempts, delivered, timestamp, last_reply, held"
+        "SELECT meta, data, attempts, delivered, timestamp, last_reply, held, history"
         " FROM messages WHERE id = ?",
         (id,),
     ).fetchone()
     if row is None:
         raise KeyError(id)
-    meta, data, attempts, delivered, timestamp, last_reply, held = row
+    meta, data, attempts, delivered, timestamp, last_reply, held, history = row
     return StoredMessage(
         envelope=envelope_from_record(json.loads(meta), data),
         attempts=attempts,
@@ -227,6 +254,7 @@ def _read_get(conn: sqlite3.Connection, id: str) -> StoredMessage:
         timestamp=timestamp,
         last_reply=last_reply,
         held=bool(held),
+        history=_history(history),
     )
 
 
@@ -602,9 +630,10 @@ class SqliteStorage(QueueStorage):
         await self._write(_op_set_held, id, bool(held))
 
     async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
-                             last_reply: str | None) -> int:
+                             last_reply: str | None, attempted_at: float | None = None) -> int:
         return await self._write(_op_record_attempt, id, float(timestamp),
-                                 [int(i) for i in delivered], last_reply)
+                                 [int(i) for i in delivered], last_reply,
+                                 None if attempted_at is None else float(attempted_at))
 
     async def remove(self, id: str) -> bool:
         return await self._write(_op_remove, id)
