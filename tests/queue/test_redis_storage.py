@@ -98,6 +98,20 @@ async def test_key_layout_raw_bytes_and_json_not_pickle(store, raw, redis_prefix
     assert await store.next_due(0) == 1700000000.123456
 
 
+async def test_the_history_is_a_json_field_absent_in_older_messages(store, raw, redis_prefix):
+    qid = await store.write(make_envelope(), 1.0)
+    key = f"{redis_prefix}msg:{qid}"
+    assert not await raw.hexists(key, "history")  # as in messages of older slimtas
+    assert (await store.get(qid)).history == []
+    await store.record_attempt(qid, 2.0, [], None)
+    assert not await raw.hexists(key, "history")
+    await store.record_attempt(qid, 3.0, [], "451 sp\u00e4ter", attempted_at=1700000000.123456)
+    await store.record_attempt(qid, 4.0, [], None, attempted_at=1700000001.5)
+    assert [(float(t), r) for t, r in json.loads(await raw.hget(key, "history"))] == [
+        (1700000000.123456, "451 sp\u00e4ter"), (1700000001.5, None)]
+    assert await raw.get(f"{redis_prefix}version") == str(SCHEMA_VERSION).encode() == b"1"
+
+
 # --- leases ---------------------------------------------------------------------------
 
 

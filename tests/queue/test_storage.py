@@ -34,6 +34,7 @@ from slimta.queue.sqlite import (
     StorageVersionError,
     migrate,
 )
+from slimta.queue.storage import HISTORY_LIMIT
 
 
 @pytest.fixture(params=["dict", "sqlite", "postgres", "redis"])
@@ -173,6 +174,56 @@ async def test_record_attempt_does_it_all(storage):
     assert await storage.load() == [(920.0, qid)]
 
 
+async def test_a_new_message_has_an_empty_history(storage):
+    qid = await storage.write(make_envelope(), 10.0)
+    assert (await storage.get(qid)).history == []
+
+
+async def test_record_attempt_with_a_time_appends_to_the_history(storage):
+    qid = await storage.write(make_envelope(), 10.0)
+    await storage.record_attempt(qid, 310.0, [0], "450 4.2.0 busy",
+                                 attempted_at=1700000010.123456)
+    await storage.record_attempt(qid, 910.0, [], None, attempted_at=1700000310.5)
+    await storage.record_attempt(qid, 920.0, [], "451 4.4.1 über/\"quoted\"\n",
+                                 attempted_at=1700000910.0)
+    stored = await storage.get(qid)
+    assert stored.history == [(1700000010.123456, "450 4.2.0 busy"), (1700000310.5, None),
+                              (1700000910.0, "451 4.4.1 über/\"quoted\"\n")]
+    assert all(isinstance(t, float) for t, _ in stored.history)
+    assert (stored.attempts, stored.last_reply) == (3, "451 4.4.1 über/\"quoted\"\n")
+
+
+async def test_record_attempt_without_a_time_leaves_the_history_alone(storage):
+    qid = await storage.write(make_envelope(), 10.0)
+    await storage.record_attempt(qid, 310.0, [], "450 first", attempted_at=300.0)
+    assert await storage.record_attempt(qid, 910.0, [1], "451 second") == 2
+    stored = await storage.get(qid)
+    assert stored.history == [(300.0, "450 first")]
+    assert (stored.attempts, stored.delivered, stored.last_reply) == (2, {1}, "451 second")
+
+
+async def test_the_history_keeps_the_most_recent_attempts(storage):
+    qid = await storage.write(make_envelope(), 10.0)
+    other = await storage.write(make_envelope(), 10.0)
+    for n in range(HISTORY_LIMIT + 5):
+        await storage.record_attempt(qid, 1000.0 + n, [], f"451 try {n}",
+                                     attempted_at=1700000000.25 + n)
+    await storage.record_attempt(other, 50.0, [], "450 other", attempted_at=40.0)
+    stored = await storage.get(qid)
+    assert stored.attempts == HISTORY_LIMIT + 5
+    assert stored.history == [(1700000000.25 + n, f"451 try {n}")
+                              for n in range(5, HISTORY_LIMIT + 5)]
+    assert (await storage.get(other)).history == [(40.0, "450 other")]
+
+
+async def test_the_history_survives_close_and_open(storage):
+    qid = await storage.write(make_envelope(), 10.0)
+    await storage.record_attempt(qid, 310.0, [], "450 busy", attempted_at=1700000300.654321)
+    await storage.close()
+    await storage.open()
+    assert (await storage.get(qid)).history == [(1700000300.654321, "450 busy")]
+
+
 async def test_hold_and_release(storage):
     a = await storage.write(make_envelope(), 30.0)
     b = await storage.write(make_envelope(), 10.0)
@@ -305,7 +356,7 @@ async def test_sqlite_creates_directories_and_is_wal_and_synchronous_full(tmp_pa
             assert schema.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
             columns = [row[1] for row in schema.execute("PRAGMA table_info(messages)")]
             assert columns == ["id", "timestamp", "attempts", "delivered", "last_reply",
-                               "held", "created", "size", "meta", "data"]
+                               "held", "created", "size", "meta", "data", "history"]
             indexes = [row[1] for row in schema.execute("PRAGMA index_list(messages)")]
             assert "messages_schedule" in indexes
             plan = " ".join(str(r) for r in schema.execute(
@@ -614,6 +665,39 @@ async def test_open_migrates_an_older_database_and_keeps_its_messages(tmp_path):
     # and now this slimta is the older one
     with pytest.raises(StorageVersionError):
         await SqliteStorage(path).open()
+
+
+async def test_a_version_1_database_gains_an_empty_history(tmp_path):
+    assert SCHEMA_VERSION == 2
+    path = tmp_path / "q.db"
+
+    class Version1Storage(SqliteStorage):
+        migrations = MIGRATIONS[:1]
+
+    old = Version1Storage(path)
+    await old.open()
+    qid = await old.write(make_envelope(), 5.0)
+    await old.record_attempt(qid, 6.0, [1], "451 later")
+    await old.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert "history" not in [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
+    conn.close()
+
+    new = SqliteStorage(path)
+    await new.open()
+    try:
+        stored = await new.get(qid)
+        assert (stored.attempts, stored.delivered, stored.last_reply, stored.history) == (
+            1, {1}, "451 later", [])
+        assert b"".join(stored.envelope.flatten()) == RAW
+        await new.record_attempt(qid, 7.0, [], "451 again", attempted_at=6.5)
+        assert (await new.get(qid)).history == [(6.5, "451 again")]
+    finally:
+        await new.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
 
 
 # --- kill -9 ----------------------------------------------------------------------------

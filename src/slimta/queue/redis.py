@@ -20,8 +20,11 @@ Key layout
         ``timestamp`` (next attempt), ``attempts``, ``delivered`` (JSON list
         of recipient indexes), ``last_reply`` (absent for none), ``held``
         (``0``/``1``), ``created``, ``size`` (of ``data``), ``rcpts`` (number
-        of recipients), ``seq`` (arrival order) and, while it is leased,
-        ``owner``.
+        of recipients), ``seq`` (arrival order), ``history`` (a JSON list of
+        ``[time, reply]`` of the last attempts, oldest first; absent until the
+        first attempt recorded with a time, which reads as an empty history,
+        so layout version 1 holds it without a new version) and, while it is
+        leased, ``owner``.
     ``<prefix>due``
         Sorted set of the messages that may be claimed: score = next attempt.
         A held or leased message is not in it.
@@ -120,6 +123,7 @@ from redis.exceptions import RedisError, ResponseError
 from slimta.envelope import Envelope
 from slimta.queue.record import envelope_from_record, envelope_to_record
 from slimta.queue.storage import (
+    HISTORY_LIMIT,
     QueueEntry,
     SharedQueueStorage,
     StorageVersionError,
@@ -243,14 +247,34 @@ end
 return 1
 """
 
+# Appends an entry to the hash's 'history' (a JSON list of [time, reply]), keeping the
+# last `limit`. The new entry arrives as JSON text made by Python (its time exact, as
+# _num() makes it); older entries are written again with their times as '%.17g' (cjson
+# would keep only 14 digits) and their replies as cjson makes them.
+_HISTORY = """
+local function append_history(key, entry, limit)
+  local raw = redis.call('HGET', key, 'history')
+  local old = raw and cjson.decode(raw) or {}
+  local parts = {}
+  for n = math.max(1, #old - limit + 2), #old do
+    parts[#parts + 1] = '[' .. string.format('%.17g', old[n][1]) .. ','
+                        .. cjson.encode(old[n][2]) .. ']'
+  end
+  parts[#parts + 1] = entry
+  redis.call('HSET', key, 'history', '[' .. table.concat(parts, ',') .. ']')
+end
+"""
+
 # KEYS: msg, due, leases. ARGV: id, timestamp, JSON list of delivered indexes,
-# '1' and the reply or '0'. The new attempt count, or false for a missing message.
-_RECORD_ATTEMPT = _MERGE + """
+# '1' and the reply or '0' and '', then the history entry as JSON text ('' for none)
+# and the history limit. The new attempt count, or false for a missing message.
+_RECORD_ATTEMPT = _MERGE + _HISTORY + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 merge(KEYS[1], ARGV[3])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'last_reply', ARGV[5])
 else redis.call('HDEL', KEYS[1], 'last_reply') end
+if ARGV[6] ~= '' then append_history(KEYS[1], ARGV[6], tonumber(ARGV[7])) end
 redis.call('HSET', KEYS[1], 'timestamp', ARGV[2])
 redis.call('HDEL', KEYS[1], 'owner')
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -686,9 +710,9 @@ class RedisStorage(SharedQueueStorage):
 
     async def get(self, id: str) -> StoredMessage:
         """The message ``id`` with its delivery state; ``KeyError`` if there is none."""
-        data, meta, attempts, delivered, timestamp, last_reply, held = await self._client().hmget(
-            self._key(id), "data", "meta", "attempts", "delivered", "timestamp", "last_reply",
-            "held")
+        data, meta, attempts, delivered, timestamp, last_reply, held, history = (
+            await self._client().hmget(self._key(id), "data", "meta", "attempts", "delivered",
+                                       "timestamp", "last_reply", "held", "history"))
         if data is None or meta is None:
             raise KeyError(id)
         return StoredMessage(
@@ -698,6 +722,8 @@ class RedisStorage(SharedQueueStorage):
             timestamp=float(timestamp),
             last_reply=_text(last_reply),
             held=held == b"1",
+            history=[] if history is None else [
+                (float(t), reply) for t, reply in json.loads(history)],
         )
 
     async def set_timestamp(self, id: str, timestamp: float) -> None:
@@ -736,11 +762,15 @@ class RedisStorage(SharedQueueStorage):
             raise KeyError(id)
 
     async def record_attempt(self, id: str, timestamp: float, delivered: list[int],
-                             last_reply: str | None) -> int:
-        """Record an attempt at once: delivered indexes, one more attempt, the reply, the
-        next attempt time; ends any lease (whoever holds it). Returns the attempt count."""
+                             last_reply: str | None, attempted_at: float | None = None) -> int:
+        """Record an attempt at once: delivered indexes, one more attempt, the reply (and
+        with ``attempted_at`` a history entry), the next attempt time; ends any lease
+        (whoever holds it). Returns the attempt count."""
         args = [id, _num(timestamp), json.dumps([int(i) for i in delivered])]
-        args += ["0"] if last_reply is None else ["1", last_reply]
+        args += ["0", ""] if last_reply is None else ["1", last_reply]
+        entry = "" if attempted_at is None else (
+            f"[{_num(attempted_at)},{json.dumps(last_reply, ensure_ascii=False)}]")
+        args += [entry, HISTORY_LIMIT]
         count = await self._script("record_attempt")(
             keys=[self._key(id), self._due, self._leases], args=args)
         if count is None:
