@@ -129,6 +129,26 @@ async def test_whole_retry_schedule_then_give_up_and_bounce(clock, storage_facto
     await queue.stop()
 
 
+async def test_each_deferral_adds_an_entry_to_the_history(clock, storage_factory):
+    relay = ScriptedRelay(TransientRelayError(reply=Reply("451", "4.4.1 Try later")),
+                          TransientRelayError(reply=Reply("452", "4.2.2 Mailbox full")))
+    relay.clock = clock
+    queue = await started(Queue(storage_factory(), relay, backoff=no_jitter(clock), clock=clock))
+    start = clock.time()
+    [(_, qid)] = await queue.enqueue(make_envelope(timestamp=start))
+    await queue.join()
+    stored = await queue.get(qid)
+    assert stored.history == [(start, "451 4.4.1 Try later")]
+    await clock.advance(300)
+    await queue.join()
+    stored = await queue.get(qid)
+    assert stored.attempts == 2
+    assert stored.history == [(start, "451 4.4.1 Try later"),
+                              (start + 300, "452 4.2.2 Mailbox full")]
+    assert stored.last_reply == "452 4.2.2 Mailbox full"
+    await queue.stop()
+
+
 async def test_permanent_failure_bounces_at_once(clock, storage_factory):
     relay = ScriptedRelay(PermanentRelayError(reply=Reply("550", "5.1.1 No such user")))
     bounces = Bounces()

@@ -419,7 +419,8 @@ class Queue(Service):
             log.info("id=%s to=<%s> deferred: %s", qid, rcpt, reply)
         finished = [i for i, _, _ in delivered] + [i for i, _, _ in permanent]
         when = now + next_delay
-        await self.store.record_attempt(qid, when, finished, str(last) if last else None)
+        await self.store.record_attempt(qid, when, finished, str(last) if last else None,
+                                        attempted_at=now)
         self._schedule(qid, when)
 
     async def _relay_results(self, qid: str, envelope, attempts: int, pending) -> list:
