@@ -351,7 +351,27 @@ async def test_message_page(dash):
     assert "192.0.2.7" in page and "client.example" in page and "ESMTP" in page
     assert '<td id="attempts">1</td>' in page
     assert "4.4.1 Connection refused" in page
-    assert "does not keep a history of earlier attempts" in page
+    assert "does not keep a history" not in page
+    stored = await dash.queue.get(qid)
+    [(ended, reply)] = stored.history
+    escaped = "451 4.4.1 Connection refused &lt;script&gt;window.__pwned = 1&lt;/script&gt;"
+    assert reply.startswith("451 4.4.1 Connection refused <script>")
+    history = re.search(r'<table id="history".*?</table>', page, re.S).group(0)
+    history_rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", history)
+    assert len(history_rows) == 1
+    assert history_rows[0][1] == escaped
+    assert time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ended)) in history_rows[0][0]
+    assert f'data-ts="{ended!r}"' in history_rows[0][0]
+    # every deferral adds a row, oldest first
+    await dash.queue.retry(qid)
+    await dash.queue.join()
+    _, page, _ = await dash.request("GET", f"/dashboard/queues/outbound/{qid}")
+    assert '<td id="attempts">2</td>' in page
+    history = re.search(r'<table id="history".*?</table>', page, re.S).group(0)
+    history_rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", history)
+    assert [r[1] for r in history_rows] == [escaped, escaped]
+    assert f'data-ts="{ended!r}"' in history_rows[0][0]
+    assert "not in the history" not in page
     assert f"id={qid}" in page
     assert "<th>Subject</th><td>second</td>" in page
     stored = await dash.queue.get(qid)

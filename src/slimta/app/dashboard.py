@@ -49,7 +49,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from slimta.queue.storage import QueueEntry
+from slimta.queue.storage import HISTORY_LIMIT, QueueEntry
 
 __all__ = ["DEFAULT_PER_PAGE", "MAX_PER_PAGE", "PREFIX", "Dashboard", "format_relative"]
 
@@ -545,15 +545,35 @@ process started.</p>
 <tr><th>Next attempt</th><td>{"held: none until released" if held
                                else _when(stored.timestamp, now)}</td></tr>
 </table>
-<p class="legend">The queue keeps the number of attempts, the reply to the last one and
-when the next is due; it does not keep a history of earlier attempts. Every attempt is
-logged with its reply: search the log for <code>id={_e(qid)}</code>.</p>
+{self._history(stored, now)}
+<p class="legend">Every attempt is also logged with its reply: search the log for
+<code>id={_e(qid)}</code>.</p>
 </section>
 <section><h2>Headers</h2>
 <table id="headers" class="facts headers">{headers}</table>
 </section>
 """
         return self._page(f"Message {qid}", body)
+
+    @staticmethod
+    def _history(stored: Any, now: float) -> str:
+        """The attempt history of a message: when each attempt ended and its reply."""
+        history = stored.history
+        if not history:
+            text = ("No attempt yet." if not stored.attempts else
+                    "No attempt history: the earlier attempts were made before the queue"
+                    " kept one.")
+            return f'<h3>Attempt history</h3>\n<p id="history-none" class="legend">{text}</p>'
+        rows = "\n".join(f"<tr><td>{_when(ts, now)}</td><td>{_e(reply or '—')}</td></tr>"
+                         for ts, reply in history)
+        earlier = stored.attempts - len(history)
+        note = "" if earlier <= 0 else (
+            f'<p class="legend">{earlier} earlier attempt{"s are" if earlier != 1 else " is"}'
+            f" not in the history: it keeps the last {HISTORY_LIMIT}.</p>")
+        return f"""<h3>Attempt history</h3>
+<table id="history" class="grid"><thead><tr><th>Attempt ended</th><th>Reply</th></tr></thead>
+<tbody>{rows}</tbody></table>
+{note}"""
 
     def _button(self, url: str, action: str, label: str, confirm: str = "") -> str:
         ask = f' data-confirm="{_e(confirm)}"' if confirm else ""
