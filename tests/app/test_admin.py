@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import time
 from typing import Any
 
 import aiohttp
@@ -220,6 +221,9 @@ async def test_show(admin):
     assert body["recipients"] == ["c@example.org", "d@example.net"]
     assert body["attempts"] == 1
     assert body["subject"] == "waiting"
+    [[ended, reply]] = body["history"]
+    assert reply == body["last_reply"] and "4.4.1 Connection refused" in reply
+    assert isinstance(ended, float) and abs(ended - time.time()) < 60
     assert body["message_id"] == "<1@example.com>"
     assert body["held"] is False
     assert body["delivered"] == body["delivered_indexes"] == []

@@ -152,6 +152,8 @@ def test_show(daemon):
     assert detail["recipients"] == ["d@example.org", "e@example.net"]
     assert detail["pending"] == detail["recipients"] and detail["delivered"] == []
     assert detail["attempts"] == 1 and detail["held"] is False
+    [[_, reply]] = detail["history"]  # through the admin endpoint too
+    assert reply == detail["last_reply"]
     assert detail["envelope"]["sender"] == "c@example.com"
     assert "Subject: second" in detail["message"] and "hello second" in detail["message"]
     assert detail["size"] == len(detail["message"].encode())

@@ -19,6 +19,7 @@ CLI = [sys.executable, "-c", "from slimta.app.cli import main; main()"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
 FUTURE = time.time() + 3600
+ATTEMPTED = 1700000000.25
 
 
 def run(db, *args, input=None):
@@ -42,7 +43,8 @@ async def build_queue(path) -> dict[str, str]:
                                   time.time())
         deferred = await store.write(
             envelope("c@example.com", ["d@example.org", "e@example.net"], "deferred"), FUTURE)
-        await store.record_attempt(deferred, FUTURE, [0], "451 4.4.1 Connection refused")
+        await store.record_attempt(deferred, FUTURE, [0], "451 4.4.1 Connection refused",
+                                   attempted_at=ATTEMPTED)
         held = await store.write(envelope("f@example.com", ["g@example.org"], "held"), FUTURE)
         await store.set_held(held, True)
     return {"fresh": fresh, "deferred": deferred, "held": held}
@@ -118,6 +120,8 @@ def test_show_text_and_json(queue):
     assert "recipient:    <e@example.net>\n" in text
     assert "ip=192.0.2.1" in text and "received by:  mx.test" in text
     assert "last reply:   451 4.4.1 Connection refused" in text
+    attempted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ATTEMPTED))
+    assert f"attempt:      {attempted}: 451 4.4.1 Connection refused\n" in text
     assert text.endswith("Subject: deferred\r\n\r\nhello deferred\r\n")
 
     data = json.loads(run(path, "show", "--json", ids["deferred"]).stdout)
@@ -125,6 +129,7 @@ def test_show_text_and_json(queue):
     assert data["recipients"] == ["d@example.org", "e@example.net"]
     assert data["pending"] == ["e@example.net"]
     assert data["delivered"] == ["d@example.org"]
+    assert data["history"] == [[ATTEMPTED, "451 4.4.1 Connection refused"]]
     assert data["envelope"]["client"]["ip"] == "192.0.2.1"
     assert data["envelope"]["v"] == 1
     assert data["message"].endswith("hello deferred\r\n")

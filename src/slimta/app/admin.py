@@ -12,7 +12,8 @@ every request needs ``Authorization: Bearer <token>`` (else 401). Routes::
     GET    /queues/{name}/stats         the queue's stats
     POST   /queues/{name}/flush         attempt every message that is not held, now
     GET    /queues/{name}/{id}          one message: entry fields plus "all_recipients",
-                                        "delivered" (+ "_indexes"), "subject", "message_id"
+                                        "delivered" (+ "_indexes"), "subject", "message_id",
+                                        "history" ([[time an attempt ended, reply], ...])
                                         and "envelope" (the stored metadata, see
                                         slimta.queue.record); never the message itself
     GET    /queues/{name}/{id}/message  the message as stored (message/rfc822)
@@ -190,6 +191,7 @@ def _message_json(qid: str, stored: Any) -> dict:
         "attempts": stored.attempts,
         "next_attempt": stored.timestamp,
         "last_reply": stored.last_reply,
+        "history": [[t, reply] for t, reply in stored.history],
         "held": stored.held,
         "size": len(data),
         "created": env.timestamp,

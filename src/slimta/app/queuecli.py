@@ -22,7 +22,9 @@ JSON output (``--json``), times in seconds since the epoch:
 ``show``
     ``{"id", "size", "arrival", "sender", "recipients" (all), "pending",
     "delivered", "attempts", "next_attempt", "last_reply", "held",
-    "envelope" (the stored metadata, see :mod:`slimta.queue.record`),
+    "history" (``[[time the attempt ended, reply], ...]``, oldest first, the
+    last attempts only), "envelope" (the stored metadata, see
+    :mod:`slimta.queue.record`),
     "message"}``; ``message`` is the raw message as text, or ``null`` with
     ``"message_base64"`` when it is not UTF-8.
 ``retry``, ``hold``, ``release``, ``delete``, ``flush``
@@ -114,6 +116,8 @@ class MessageDetail:
     next_attempt: float
     last_reply: str | None
     held: bool
+    #: (when the attempt ended, its reply) of the last attempts, oldest first.
+    history: list[tuple[float, str | None]] = field(default_factory=list)
 
     @property
     def recipients(self) -> list[str]:
@@ -138,6 +142,7 @@ class MessageDetail:
             "next_attempt": self.next_attempt,
             "last_reply": self.last_reply,
             "held": self.held,
+            "history": [[t, reply] for t, reply in self.history],
             "envelope": self.envelope,
         }
         try:
@@ -312,7 +317,7 @@ class StorageQueueClient(QueueClient):
         return MessageDetail(
             id=id, envelope=meta, data=data, delivered=sorted(stored.delivered),
             attempts=stored.attempts, next_attempt=stored.timestamp,
-            last_reply=stored.last_reply, held=stored.held,
+            last_reply=stored.last_reply, held=stored.held, history=list(stored.history),
         )
 
     async def _due_now(self, id: str) -> bool:
@@ -498,7 +503,9 @@ class AdminQueueClient(QueueClient):
             id=id, envelope=info["envelope"], data=data,
             delivered=list(info.get("delivered_indexes") or []), attempts=info["attempts"],
             next_attempt=info["next_attempt"], last_reply=info["last_reply"],
-            held=info["held"])
+            held=info["held"],
+            # a daemon of an older slimta sends no history
+            history=[(float(t), reply) for t, reply in info.get("history") or []])
 
     async def _each(self, ids: Sequence[str], method: str, action: str | None,
                     progress: Progress | None) -> BatchResult:
@@ -801,6 +808,9 @@ def _print_detail(d: MessageDetail) -> None:
         ("attempts", str(d.attempts)),
         ("next attempt", "never (held)" if d.held else _when(d.next_attempt)),
         ("last reply", d.last_reply or "-"),
+    ]
+    lines += [("attempt", f"{_when(t)}: {reply or '-'}") for t, reply in d.history]
+    lines += [
         ("sender", f"<{meta.get('sender') or ''}>"),
     ]
     for i, rcpt in enumerate(d.recipients):
