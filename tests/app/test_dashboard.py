@@ -41,6 +41,7 @@ from slimta.app.metrics import Metrics, RecentCounts
 from slimta.envelope import Envelope
 from slimta.queue import Queue
 from slimta.queue.sqlite import SqliteStorage
+from slimta.queue.storage import HISTORY_LIMIT
 from slimta.relay import PermanentRelayError, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
 
@@ -387,6 +388,28 @@ async def test_message_page(dash):
     status, raw, resp = await dash.request("GET", f"/dashboard/queues/outbound/{qid}/message")
     assert status == 200 and resp.content_type == "text/plain"
     assert raw.encode() == header + body
+
+
+async def test_message_page_history_before_and_beyond_its_limit(dash):
+    store = dash.queue.store
+    env = Envelope("new@example.com", ["z@example.org"])
+    env.parse(b"Subject: later\r\n\r\nhello\r\n")
+    qid = await store.write(env, time.time() + 7200)
+    path = f"/dashboard/queues/outbound/{qid}"
+    _, page, _ = await dash.request("GET", path)
+    assert '<p id="history-none" class="legend">No attempt yet.</p>' in page
+    await store.record_attempt(qid, time.time() + 7200, [], "451 untimed")  # no history
+    _, page, _ = await dash.request("GET", path)
+    assert 'id="history-none"' in page and "before the queue kept one" in page
+    for n in range(HISTORY_LIMIT):
+        await store.record_attempt(qid, time.time() + 7200, [], f"451 try {n}",
+                                   attempted_at=1700000000.0 + n)
+    _, page, _ = await dash.request("GET", path)
+    assert '<td id="attempts">21</td>' in page
+    history = re.search(r'<table id="history".*?</table>', page, re.S).group(0)
+    assert re.findall(r"<td>(451 try \d+)</td>", history) == [
+        f"451 try {n}" for n in range(HISTORY_LIMIT)]
+    assert "1 earlier attempt is not in the history: it keeps the last 20." in page
 
 
 async def test_user_data_is_escaped(dash):

@@ -34,7 +34,7 @@ from slimta.queue.sqlite import (
     StorageVersionError,
     migrate,
 )
-from slimta.queue.storage import HISTORY_LIMIT
+from slimta.queue.storage import HISTORY_LIMIT, QueueStorage
 
 
 @pytest.fixture(params=["dict", "sqlite", "postgres", "redis"])
@@ -214,6 +214,20 @@ async def test_the_history_keeps_the_most_recent_attempts(storage):
     assert stored.history == [(1700000000.25 + n, f"451 try {n}")
                               for n in range(5, HISTORY_LIMIT + 5)]
     assert (await storage.get(other)).history == [(40.0, "450 other")]
+
+
+async def test_the_default_record_attempt_appends_through_the_hook():
+    class Plain(DictStorage):
+        async def record_attempt(self, *args, **kwargs):
+            return await QueueStorage.record_attempt(self, *args, **kwargs)
+
+    store = Plain()
+    qid = await store.write(make_envelope(), 1.0)
+    assert await store.record_attempt(qid, 2.0, [0], "451 a", attempted_at=1.5) == 1
+    assert await store.record_attempt(qid, 3.0, [], "451 b") == 2
+    stored = await store.get(qid)
+    assert stored.history == [(1.5, "451 a")]
+    assert (stored.timestamp, stored.delivered, stored.last_reply) == (3.0, {0}, "451 b")
 
 
 async def test_the_history_survives_close_and_open(storage):
