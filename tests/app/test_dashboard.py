@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_serve import CLI, connect, free_port
+from test_serve import CLI, connect, free_port, wait_for
 
 from slimta.app.admin import AdminServer
 from slimta.app.dashboard import Dashboard, format_relative
@@ -591,14 +591,6 @@ CHROMIUM = "/usr/bin/chromium"
 EVIL_SENDER = '"<script>window.__pwned=1</script>"@example.com'
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

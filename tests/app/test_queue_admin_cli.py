@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_serve import CLI, connect, free_port
+from test_serve import CLI, connect, free_port, wait_for
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 ENV.pop("SLIMTA_QUEUE_DB", None)
@@ -101,14 +101,6 @@ def stop(daemon: Daemon) -> None:
             daemon.proc.communicate()
 
 
-def wait_for(predicate, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, what: str = "a condition", timeout: float = 30.0):
+    """The first true value of ``predicate()``, polled every 0.05 s; AssertionError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def connect(port: int, proc: subprocess.Popen) -> smtplib.SMTP:
     for _ in range(400):
         try:

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from test_serve import CLI, ENV, connect, free_port
+from test_serve import CLI, ENV, connect, free_port, wait_for
 
 from slimta.app.config import parse_config
 from slimta.app.workers import (
@@ -61,14 +61,6 @@ def log_text(tmp_path: Path) -> str:
     return (tmp_path / "stderr.log").read_text(errors="replace")
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "a condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_pids(tmp_path: Path) -> dict[int, int]:
