@@ -448,22 +448,21 @@ class AdminServer(Service):
         log.info("admin: queue %s flushed (%d messages)", name, count)
         return web.json_response({"queue": name, "action": "flush", "ok": True, "count": count})
 
-    async def _show(self, request: web.Request) -> web.Response:
+    async def _stored(self, request: web.Request) -> tuple[str, str, Any]:
+        """(queue name, id, the stored message) the request names; 404 when there is none."""
         name, queue = self._queue(request)
         qid = request.match_info["id"]
         try:
-            stored = await queue.get(qid)
+            return name, qid, await queue.get(qid)
         except KeyError:
             raise web.HTTPNotFound(reason=f"no message {qid} in queue {name!r}") from None
+
+    async def _show(self, request: web.Request) -> web.Response:
+        name, qid, stored = await self._stored(request)
         return web.json_response({"queue": name, **_message_json(qid, stored)})
 
     async def _message(self, request: web.Request) -> web.Response:
-        name, queue = self._queue(request)
-        qid = request.match_info["id"]
-        try:
-            stored = await queue.get(qid)
-        except KeyError:
-            raise web.HTTPNotFound(reason=f"no message {qid} in queue {name!r}") from None
+        _, _, stored = await self._stored(request)
         header, body = stored.envelope.flatten()
         return web.Response(body=header + body, content_type="message/rfc822")
 
