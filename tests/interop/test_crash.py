@@ -76,12 +76,15 @@ def delivered_ids(maildir) -> collections.Counter:
     return counts
 
 
-def load_client(port, worker, acked, stop):
-    """Sessions of a few messages each, until the server dies or we are told to stop."""
+def load_client(port, worker, acked, stop, failed: list | None = None, timeout: float = 10):
+    """Sessions of five messages each, until the server dies or we are told to stop.
+
+    The id of each message goes into ``acked`` after its 250; a broken session's
+    error into ``failed`` when given."""
     n = 0
     while not stop.is_set():
         try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
                 for _ in range(5):
                     n += 1
                     msg_id = f"{worker}-{n}"
@@ -89,7 +92,9 @@ def load_client(port, worker, acked, stop):
                             f"X-Test-Id: {msg_id}\r\n\r\n" + "x" * 900 + "\r\n")
                     client.sendmail("load@example.com", ["rcpt@example.com"], body)
                     acked.append(msg_id)  # only after the 250
-        except (OSError, smtplib.SMTPException):
+        except (OSError, smtplib.SMTPException) as exc:
+            if failed is not None:
+                failed.append(repr(exc))
             if stop.is_set():
                 return
             time.sleep(0.01)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import signal
-import smtplib
 import socket
 import subprocess
 import sys
@@ -19,9 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+from test_crash import delivered_ids, load_client
+
 CLI = [sys.executable, "-c", "from slimta.app.cli import main; main()"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-ID_RE = re.compile(rb"X-Test-Id: (\S+)")
 
 CONFIG = """
 process:
@@ -60,44 +59,11 @@ def start(tmp_path: Path, config: Path, port: int) -> subprocess.Popen:
     raise AssertionError("the daemon did not start")
 
 
-def delivered_ids(tmp_path: Path) -> collections.Counter:
-    counts: collections.Counter = collections.Counter()
-    new = tmp_path / "data/mail/new"
-    if not new.is_dir():
-        return counts
-    for name in os.listdir(new):
-        with open(new / name, "rb") as f:
-            for m in ID_RE.finditer(f.read()):
-                counts[m.group(1).decode()] += 1
-    return counts
-
-
-def load_client(port: int, worker: int, acked: list, failed: list,
-                stop: threading.Event) -> None:
-    """Sessions of five messages each until told to stop; ids recorded after each 250."""
-    n = 0
-    while not stop.is_set():
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-                for _ in range(5):
-                    n += 1
-                    msg_id = f"{worker}-{n}"
-                    body = (f"From: load@example.com\r\nSubject: {msg_id}\r\n"
-                            f"X-Test-Id: {msg_id}\r\n\r\n" + "x" * 900 + "\r\n")
-                    client.sendmail("load@example.com", ["rcpt@example.com"], body)
-                    acked.append(msg_id)
-        except (OSError, smtplib.SMTPException) as exc:
-            failed.append(repr(exc))
-            if stop.is_set():
-                return
-            time.sleep(0.01)
-
-
 def run_load(port: int, until, workers: int = 10):
     acked: list[str] = []
     failed: list[str] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=load_client, args=(port, w, acked, failed, stop),
+    threads = [threading.Thread(target=load_client, args=(port, w, acked, stop, failed, 20),
                                 daemon=True) for w in range(workers)]
     for t in threads:
         t.start()
@@ -113,11 +79,11 @@ def run_load(port: int, until, workers: int = 10):
 def wait_for(tmp_path: Path, ids: list[str], timeout: float = 60) -> collections.Counter:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        got = delivered_ids(tmp_path)
+        got = delivered_ids(tmp_path / "data/mail")
         if all(got[i] for i in ids):
             return got
         time.sleep(0.2)
-    return delivered_ids(tmp_path)
+    return delivered_ids(tmp_path / "data/mail")
 
 
 def test_sigterm_during_load_loses_no_acknowledged_message(tmp_path):
