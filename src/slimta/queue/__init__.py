@@ -251,9 +251,7 @@ class Queue(Service):
                 if qid in self._attempting:
                     continue
                 await self._slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._attempt(qid))
-                self._attempting[qid] = task
-                task.add_done_callback(lambda _t, q=qid: self._attempt_done(q))
+                self._start_attempt(qid)
             self._wake.clear()
             if not self._attempting:
                 self._idle.set()
@@ -296,8 +294,9 @@ class Queue(Service):
     async def _renew_leases(self) -> None:
         """Keep the leases of the messages being attempted until their attempts end."""
         interval = self.lease / 3
+        never = asyncio.Event()  # only the interval ends each wait
         while True:
-            await self.clock.wait(asyncio.Event(), interval)
+            await self.clock.wait(never, interval)
             ids = list(self._attempting)
             if not ids:
                 continue
